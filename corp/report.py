@@ -1,0 +1,107 @@
+"""What a pruning run did: per-block widths, damping and errors; parameters and FLOPs."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch.nn as nn
+
+__all__ = ["BlockReport", "PruneReport", "count_parameters", "count_flops"]
+
+
+@dataclass
+class BlockReport:
+    """One block. Errors are ``‖y − y_dense‖ / ‖y_dense‖`` of the block output on the
+    report images (the same block input for both), with and without compensation."""
+
+    index: int
+    mlp_hidden_before: int
+    mlp_hidden_after: int
+    qk_dim_before: int
+    qk_dim_after: int
+    mlp_damping: float = 0.0
+    mlp_relative_damping: float = 0.0
+    attn_damping: float = 0.0
+    attn_relative_damping: float = 0.0
+    error_compensated: Optional[float] = None
+    error_uncompensated: Optional[float] = None
+
+
+@dataclass
+class PruneReport:
+    """Summary of one :func:`corp.prune` run. ``str(report)`` is a readable table."""
+
+    blocks: list[BlockReport] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0  # per image, 2 × multiply-adds of linear layers, convolution and attention
+    flops_after: int = 0
+    seconds: float = 0.0
+    calibration_images: int = 0
+    calibration_tokens: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PruneReport":
+        data = dict(data)
+        data["blocks"] = [BlockReport(**b) for b in data.get("blocks", [])]
+        return cls(**data)
+
+    def __str__(self) -> str:
+        def err(v: Optional[float]) -> str:
+            return "-" if v is None else f"{v:.4f}"
+
+        lines = [
+            f"{'block':>5} {'mlp kept':>10} {'qk kept':>8} {'mlp λ/diag':>10} {'attn λ rel':>10} "
+            f"{'err comp':>9} {'err no-comp':>11}"
+        ]
+        for b in self.blocks:
+            lines.append(
+                f"{b.index:>5} {b.mlp_hidden_after:>5}/{b.mlp_hidden_before:<4} {b.qk_dim_after:>3}/{b.qk_dim_before:<4} "
+                f"{b.mlp_relative_damping:>10.2e} {b.attn_relative_damping:>10.2e} "
+                f"{err(b.error_compensated):>9} {err(b.error_uncompensated):>11}"
+            )
+        lines.append(
+            f"params {self.params_before / 1e6:.2f}M -> {self.params_after / 1e6:.2f}M "
+            f"({self.params_after / max(self.params_before, 1):.1%}), "
+            f"FLOPs/image {self.flops_before / 1e9:.3f}G -> {self.flops_after / 1e9:.3f}G "
+            f"({self.flops_after / max(self.flops_before, 1):.1%}), "
+            f"{self.calibration_images} images / {self.calibration_tokens} tokens, {self.seconds:.1f}s"
+        )
+        return "\n".join(lines)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module) -> int:
+    """Analytic FLOPs (2 × multiply-adds) for one image at the model's native size.
+
+    Counts the patch embedding, every Linear of the blocks and heads, and the two
+    attention matmuls at their logical widths (q/k width ``qk_dim`` per head,
+    whether or not the kernel pads it). Norms, activations and softmax are left
+    out. Works for the dense and the pruned models alike.
+    """
+    from .adapters import count_tokens
+    from .modules import PrunedAttention
+
+    pe = model.patch_embed
+    tokens = count_tokens(model, tuple(pe.img_size))
+    patches = tokens - model.num_prefix_tokens
+    conv = pe.proj
+    flops = 2 * patches * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
+    for block in model.blocks:
+        attn = block.attn
+        qk = attn.qk_dim if isinstance(attn, PrunedAttention) else attn.head_dim
+        for linear in (attn.qkv, attn.proj, block.mlp.fc1, block.mlp.fc2):
+            flops += 2 * tokens * linear.in_features * linear.out_features
+        flops += 2 * attn.num_heads * tokens * tokens * (qk + attn.head_dim)
+    for name in ("head", "head_dist"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            flops += 2 * head.in_features * head.out_features
+    return flops
