@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RidgeSolution", "ridge_solve", "sylvester_solve", "MAX_DAMPING_RETRIES", "DAMPING_GROWTH"]
+__all__ = ["resolve_solve_backend", "RidgeSolution", "ridge_solve", "sylvester_solve", "MAX_DAMPING_RETRIES", "DAMPING_GROWTH"]
 
 # A failed Cholesky factorisation is retried with the damping multiplied by
 # DAMPING_GROWTH, at most MAX_DAMPING_RETRIES times. 10× per step reaches any
@@ -19,6 +19,13 @@ __all__ = ["RidgeSolution", "ridge_solve", "sylvester_solve", "MAX_DAMPING_RETRI
 # ~1e-12 already in fp64.
 MAX_DAMPING_RETRIES = 8
 DAMPING_GROWTH = 10.0
+
+
+def resolve_solve_backend(requested: str, device: torch.device) -> str:
+    """The solve implementation for a ``corp.prune(backend=...)`` name (see :mod:`corp.backends`)."""
+    if requested == "compiled":
+        raise RuntimeError("the compiled solve backend is not available in this build of corp")
+    return "torch"
 
 
 @dataclass

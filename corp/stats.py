@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "resolve_stats_backend",
     "gram_update_",
     "attention_stats_update_",
     "MLPStatistics",
@@ -36,6 +37,13 @@ __all__ = [
 # 91 ms for the full `h.T @ h` on this project's 2-core CPU; smaller tiles lose
 # more to matmul efficiency than they save.
 GRAM_TILE = 384
+
+
+def resolve_stats_backend(requested: str, device: torch.device) -> str:
+    """The statistics implementation for a ``corp.prune(backend=...)`` name (see :mod:`corp.backends`)."""
+    if requested == "triton":
+        raise RuntimeError("the Triton statistics backend is not available in this build of corp")
+    return "torch"
 
 
 def gram_update_(gram: torch.Tensor, colsum: torch.Tensor, x: torch.Tensor, backend: str = "torch") -> None:
