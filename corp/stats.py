@@ -14,8 +14,10 @@ tokens lose digits in plain fp32.
 
 The per-chunk functions ``gram_update_`` and ``attention_stats_update_`` are
 the swappable kernels: this module holds their PyTorch reference, which is the
-CPU path and the oracle of the tests; GPU backends replace them behind the same
-signatures.
+CPU path and the oracle of the tests; ``backend="triton"`` runs the Triton
+kernels of :mod:`corp.kernels` behind the same signatures (also registered as
+the custom ops ``torch.ops.corp.gram_update_`` and
+``torch.ops.corp.attention_stats_update_``, see :mod:`corp.kernels.ops`).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 
 __all__ = [
     "resolve_stats_backend",
+    "STATS_BACKENDS",
     "gram_update_",
     "attention_stats_update_",
     "MLPStatistics",
@@ -39,10 +42,39 @@ __all__ = [
 GRAM_TILE = 384
 
 
+STATS_BACKENDS = ("torch", "triton")
+
+
 def resolve_stats_backend(requested: str, device: torch.device) -> str:
-    """The statistics implementation for a ``corp.prune(backend=...)`` name (see :mod:`corp.backends`)."""
+    """The statistics implementation for a ``corp.prune(backend=...)`` name (see :mod:`corp.backends`).
+
+    ``"triton"`` when asked for and usable (CUDA tensors, or CPU tensors under
+    Triton's interpreter, ``TRITON_INTERPRET=1``), else RuntimeError;
+    ``"auto"``/``"compiled"``: ``"triton"`` on CUDA when triton imports, else
+    ``"torch"`` (always on the CPU); ``"torch"``: the reference.
+    """
+    device = torch.device(device)
+    if requested == "torch":
+        return "torch"
     if requested == "triton":
-        raise RuntimeError("the Triton statistics backend is not available in this build of corp")
+        from .kernels import interpreter_requested, triton_available
+
+        if not triton_available():
+            raise RuntimeError(
+                "backend='triton' needs the triton package: pip install triton "
+                "(CUDA builds of torch ship with it); or use backend='auto' or 'torch'"
+            )
+        if device.type != "cuda" and not interpreter_requested():
+            raise RuntimeError(
+                f"backend='triton' runs its kernels on CUDA devices (got {device.type}); on the CPU they run "
+                "only in Triton's interpreter: set TRITON_INTERPRET=1 before importing triton"
+            )
+        return "triton"
+    if device.type == "cuda":  # "auto", "compiled": the fastest available
+        from .kernels import triton_available
+
+        if triton_available():
+            return "triton"
     return "torch"
 
 
@@ -55,8 +87,20 @@ def gram_update_(gram: torch.Tensor, colsum: torch.Tensor, x: torch.Tensor, back
             must be ignored by the caller (see :func:`symmetrize_upper`).
         colsum: ``(D,)`` float64 accumulator of column sums.
         x: ``(..., D)`` activations in fp32, bf16 or fp16, any strides.
-        backend: ``"torch"`` (blocked upper-triangular matmuls).
+        backend: ``"torch"`` (blocked upper-triangular matmuls) or
+            ``"triton"`` (:mod:`corp.kernels.gram`: on CUDA through the custom op
+            ``torch.ops.corp.gram_update_``, on the CPU in Triton's interpreter).
     """
+    if backend == "triton":
+        if x.device.type == "cuda":
+            from .kernels import ops  # noqa: F401  (registers torch.ops.corp.*)
+
+            torch.ops.corp.gram_update_(gram, colsum, x)
+        else:
+            from .kernels.gram import gram_update_triton_
+
+            gram_update_triton_(gram, colsum, x)
+        return
     if backend != "torch":
         raise ValueError(f"unknown statistics backend {backend!r}")
     d = x.shape[-1]
@@ -90,8 +134,20 @@ def attention_stats_update_(
             timm's ``Attention`` does: ``[q heads | k heads | v heads]``.
         num_heads: H.
         head_dim: d.
-        backend: ``"torch"`` (batched matmuls over heads).
+        backend: ``"torch"`` (batched matmuls over heads) or ``"triton"``
+            (:mod:`corp.kernels.attention_stats`: on CUDA through the custom op
+            ``torch.ops.corp.attention_stats_update_``, on the CPU in Triton's interpreter).
     """
+    if backend == "triton":
+        if qkv.device.type == "cuda":
+            from .kernels import ops  # noqa: F401  (registers torch.ops.corp.*)
+
+            torch.ops.corp.attention_stats_update_(gram_q, gram_k, score, qkv, num_heads, head_dim)
+        else:
+            from .kernels.attention_stats import attention_stats_update_triton_
+
+            attention_stats_update_triton_(gram_q, gram_k, score, qkv, num_heads, head_dim)
+        return
     if backend != "torch":
         raise ValueError(f"unknown statistics backend {backend!r}")
     h, d = num_heads, head_dim
