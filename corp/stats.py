@@ -8,8 +8,8 @@ Two statistics feed CORP (see ``../shared/CORP.md``):
   ``GQ = Σ q qᵀ``, ``GK = Σ k kᵀ`` (d × d, uncentred) and the score vector
   ``e_j = Σ q_j² k_j²`` (q and k of the same token).
 
-Every update multiplies in the input precision upcast to fp32 (one chunk of
-tokens) and adds the chunk's result into fp64 accumulators: sums over 10⁵–10⁶
+Every update multiplies in the input precision upcast to fp32 (fp64 stays
+fp64) over one chunk of tokens, and adds the chunk's result into fp64 accumulators: sums over 10⁵–10⁶
 tokens lose digits in plain fp32.
 
 The per-chunk functions ``gram_update_`` and ``attention_stats_update_`` are
@@ -43,6 +43,11 @@ GRAM_TILE = 384
 
 
 STATS_BACKENDS = ("torch", "triton")
+
+
+def _chunk_dtype(x: torch.Tensor) -> torch.dtype:
+    """Per-chunk products run in fp32 (bf16/fp16 upcast), or fp64 for fp64 inputs."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def resolve_stats_backend(requested: str, device: torch.device) -> str:
@@ -106,7 +111,7 @@ def gram_update_(gram: torch.Tensor, colsum: torch.Tensor, x: torch.Tensor, back
     d = x.shape[-1]
     if gram.shape != (d, d) or colsum.shape != (d,):
         raise ValueError(f"accumulator shapes {tuple(gram.shape)}, {tuple(colsum.shape)} do not match D={d}")
-    x2 = x.reshape(-1, d).to(torch.float32)
+    x2 = x.reshape(-1, d).to(_chunk_dtype(x))
     colsum += x2.sum(dim=0, dtype=torch.float64)
     for start in range(0, d, GRAM_TILE):
         stop = min(start + GRAM_TILE, d)
@@ -154,8 +159,8 @@ def attention_stats_update_(
     if qkv.shape[-1] != 3 * h * d:
         raise ValueError(f"qkv width {qkv.shape[-1]} is not 3·{h}·{d}")
     x = qkv.reshape(-1, 3, h, d)
-    q = x[:, 0].to(torch.float32).transpose(0, 1)  # (H, N, d)
-    k = x[:, 1].to(torch.float32).transpose(0, 1)
+    q = x[:, 0].to(_chunk_dtype(qkv)).transpose(0, 1)  # (H, N, d)
+    k = x[:, 1].to(_chunk_dtype(qkv)).transpose(0, 1)
     gram_q += torch.bmm(q.transpose(1, 2), q).to(torch.float64)
     gram_k += torch.bmm(k.transpose(1, 2), k).to(torch.float64)
     score += (q * q * k * k).sum(dim=1, dtype=torch.float64)
@@ -184,6 +189,7 @@ class MLPStatistics:
         else:
             self.sq_sum = torch.zeros(hidden, dtype=torch.float64, device=device)
 
+    @torch.no_grad()
     def update(self, h: torch.Tensor) -> None:
         """Add hidden activations ``h`` of shape ``(..., D_h)``."""
         rows = h.numel() // h.shape[-1]
@@ -191,7 +197,7 @@ class MLPStatistics:
         if self.full:
             gram_update_(self.gram, self.colsum, h, self.backend)
         else:
-            h2 = h.reshape(-1, h.shape[-1]).to(torch.float32)
+            h2 = h.reshape(-1, h.shape[-1]).to(_chunk_dtype(h))
             self.colsum += h2.sum(0, dtype=torch.float64)
             self.sq_sum += (h2 * h2).sum(0, dtype=torch.float64)
 
@@ -224,6 +230,7 @@ class AttentionStatistics:
         self.gram_k = torch.zeros_like(self.gram_q)
         self.score = torch.zeros(num_heads, head_dim, dtype=torch.float64, device=device)
 
+    @torch.no_grad()
     def update(self, qkv: torch.Tensor) -> None:
         """Add the qkv projection output ``(..., 3·H·d)``."""
         self.count += qkv.numel() // qkv.shape[-1]

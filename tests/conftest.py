@@ -11,3 +11,30 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def digits_data():
+    from corp.demo import load_digits_data
+
+    return load_digits_data()
+
+
+@pytest.fixture(scope="session")
+def digits_model(digits_data):
+    """The demo's digits ViT, trained deterministically once per test run (no cache)."""
+    from corp.demo import TRAIN_SETTINGS, train_digits_vit
+
+    return train_digits_vit(digits_data, **TRAIN_SETTINGS)
+
+
+def tiny_vit(**overrides):
+    """A small random timm VisionTransformer (odd-ish sizes), eval mode."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(overrides.pop("seed", 0))
+    cfg = dict(img_size=24, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7, mlp_ratio=3.0)
+    cfg.update(overrides)
+    return VisionTransformer(**cfg).eval()
