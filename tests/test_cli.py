@@ -1,0 +1,67 @@
+"""The corp command line on image folders written by the test."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import corp
+from corp.cli import main
+from corp.data import calibration_loader
+
+from conftest import tiny_vit
+
+
+@pytest.fixture
+def folders(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(5):
+            pixels = rng.integers(0, 255, size=(30, 30, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / cls / f"{i}.png")
+    model = tiny_vit(num_classes=2)
+    corp.save_pretrained(model, tmp_path / "dense")
+    return tmp_path
+
+
+def test_prune_then_eval(folders, capsys):
+    out = folders / "pruned"
+    rc = main(["prune", "--model", str(folders / "dense"), "--calib", str(folders / "data"), "--calib-size", "8",
+               "--mlp-sparsity", "0.5", "--attn-sparsity", "0.5", "--out", str(out), "--workers", "0",
+               "--batch-size", "3"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "saved to" in printed and "params" in printed
+    pruned = corp.load_pretrained(out)
+    assert pruned.blocks[0].mlp.fc1.out_features == 72
+    assert pruned.corp_config["pruning"]["calibration_images"] == 8
+
+    # the CLI prunes exactly what the API prunes on the same preprocessed images
+    dense = corp.load_pretrained(folders / "dense")
+    loader = calibration_loader(dense, str(folders / "data"), 8, 3, 0)
+    api = corp.prune(dense, loader, mlp_sparsity=0.5, attn_sparsity=0.5, batch_size=3)
+    for k, v in api.state_dict().items():
+        torch.testing.assert_close(pruned.state_dict()[k], v)
+
+    rc = main(["eval", "--model", str(out), "--data", str(folders / "data"), "--workers", "0"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["images"] == 10 and 0 <= result["top1"] <= result["top5"] <= 100
+
+
+def test_errors_are_reported_not_raised(folders, capsys):
+    rc = main(["prune", "--model", str(folders / "dense"), "--calib", str(folders / "nowhere"), "--mlp-sparsity", "0.5",
+               "--out", str(folders / "x"), "--workers", "0"])
+    assert rc == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_bad_sparsity_is_rejected_by_the_parser():
+    proc = subprocess.run([sys.executable, "-m", "corp.cli", "prune", "--model", "m", "--calib", "c",
+                           "--mlp-sparsity", "1.5", "--out", "o"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "sparsity must be in [0, 1)" in proc.stderr
