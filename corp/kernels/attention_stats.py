@@ -146,6 +146,7 @@ def attention_stats_update_triton_(
     head_dim: int,
     input_precision: Optional[str] = None,
     split_k: Optional[int] = None,
+    config: Optional[dict] = None,
 ) -> None:
     """Add one chunk's per-head ``Σ q qᵀ``, ``Σ k kᵀ``, ``Σ q_j² k_j²`` into fp64 accumulators, in Triton.
 
@@ -156,6 +157,8 @@ def attention_stats_update_triton_(
         num_heads, head_dim: H and d.
         input_precision: products of fp32 inputs (see :data:`corp.kernels.INPUT_PRECISIONS`).
         split_k: programs per head along the tokens (None: chosen from the GPU size).
+        config: fixed kernel parameters instead of the tuned/default ones:
+            ``BLOCK_K`` and, on CUDA, ``num_warps``, ``num_stages``.
     """
     h, d = int(num_heads), int(head_dim)
     if qkv.shape[-1] != 3 * h * d:
@@ -190,11 +193,14 @@ def attention_stats_update_triton_(
                 INPUT_PRECISION=precision, ATOMIC=split > 1)
     grid = (h, split)
     if _INTERPRETED:
-        _attention_stats_kernel[grid](*args(gram_q, gram_k, score), **meta, BLOCK_K=INTERPRETER_BLOCK_K)
+        cfg = {"BLOCK_K": INTERPRETER_BLOCK_K, **(config or {})}
+        cfg.pop("num_warps", None), cfg.pop("num_stages", None)
+        _attention_stats_kernel[grid](*args(gram_q, gram_k, score), **meta, **cfg)
         return
     with torch.cuda.device(qkv.device):
-        if os.environ.get("CORP_TRITON_AUTOTUNE", "1") == "0":
-            _attention_stats_kernel[grid](*args(gram_q, gram_k, score), **meta, BLOCK_K=64, num_warps=4, num_stages=3)
+        if config is not None or os.environ.get("CORP_TRITON_AUTOTUNE", "1") == "0":
+            cfg = {"BLOCK_K": 64, "num_warps": 4 if block_d <= 64 else 8, "num_stages": 3, **(config or {})}
+            _attention_stats_kernel[grid](*args(gram_q, gram_k, score), **meta, **cfg)
             return
         key = (d, h, qkv.dtype, precision, split > 1, is_3d, qkv.device)
         if key not in _tuned_keys:

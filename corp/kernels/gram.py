@@ -47,7 +47,7 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-__all__ = ["gram_update_triton_", "MAX_TOKENS_PER_PROGRAM", "choose_split"]
+__all__ = ["gram_update_triton_", "MAX_TOKENS_PER_PROGRAM", "choose_split", "default_cuda_config"]
 
 # Longest run of tokens one program sums in fp32 before the fp64 add.
 MAX_TOKENS_PER_PROGRAM = 32768
@@ -233,12 +233,20 @@ def _check_precision(input_precision: Optional[str]) -> str:
     return p
 
 
+def default_cuda_config(dtype: torch.dtype) -> dict:
+    """The untuned CUDA configuration (``CORP_TRITON_AUTOTUNE=0``)."""
+    if dtype == torch.float32:
+        return dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3)
+    return dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
 def gram_update_triton_(
     gram: torch.Tensor,
     colsum: torch.Tensor,
     x: torch.Tensor,
     input_precision: Optional[str] = None,
     split_k: Optional[int] = None,
+    config: Optional[dict] = None,
 ) -> None:
     """Add one chunk's upper-triangular ``xᵀx`` and ``Σx`` into fp64 accumulators, in Triton.
 
@@ -251,6 +259,8 @@ def gram_update_triton_(
             :data:`corp.kernels.INPUT_PRECISIONS` (None: the default, "ieee").
         split_k: programs per tile along the tokens (None: chosen from the
             GPU size; forced values are for tests and benchmarks).
+        config: fixed kernel parameters instead of the tuned/default ones:
+            ``BLOCK``, ``BLOCK_K`` and, on CUDA, ``num_warps``, ``num_stages``.
     """
     d = x.shape[-1]
     if gram.shape != (d, d) or colsum.shape != (d,):
@@ -282,13 +292,14 @@ def gram_update_triton_(
         return (nt * (nt + 1) // 2, split)
 
     if _INTERPRETED:
-        cfg = dict(INTERPRETER_CONFIG)
+        cfg = {**INTERPRETER_CONFIG, **(config or {})}
+        cfg.pop("num_warps", None), cfg.pop("num_stages", None)
         _gram_kernel[grid(cfg)](*args(gram, colsum), **meta, **cfg)
         return
     with torch.cuda.device(x.device):
-        if not _autotune_enabled():
-            cfg = dict(BLOCK=128, BLOCK_K=64 if x.dtype != torch.float32 else 32)
-            _gram_kernel[grid(cfg)](*args(gram, colsum), **meta, **cfg, num_warps=8, num_stages=3)
+        if config is not None or not _autotune_enabled():
+            cfg = {**default_cuda_config(x.dtype), **(config or {})}
+            _gram_kernel[grid(cfg)](*args(gram, colsum), **meta, **cfg)
             return
         key = (d, x.dtype, precision, split > 1, is_3d, x.device)
         if key not in _tuned_keys:

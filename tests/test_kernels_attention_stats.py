@@ -1,0 +1,176 @@
+"""The fused Triton attention-statistics kernel against fp64 references.
+
+Per head: ``Σ q qᵀ``, ``Σ k kᵀ`` and ``Σ q_j² k_j²``, read from the qkv
+projection output ``(..., 3·H·d)`` as it is (any strides). Interpreter on the
+CPU (tiny shapes), compiled kernel on a GPU; error bounds as in
+``test_kernels_gram.py`` (≤ 2× the plain-PyTorch error at the same precision
+plus a floor of a few fp32 ulps of the result's magnitude).
+"""
+import os
+
+import pytest
+import torch
+
+from corp.kernels import triton_available
+from corp.stats import attention_stats_update_
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+pytestmark = pytest.mark.skipif(
+    not triton_available() or (not CUDA and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="needs triton, and CUDA or TRITON_INTERPRET=1",
+)
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _triton():
+    from corp.kernels.attention_stats import attention_stats_update_triton_
+
+    return attention_stats_update_triton_
+
+
+def assert_within_bound(out, baseline, ref64, factor=2.0, rel_floor=1e-6, what=""):
+    err = (out.double() - ref64).abs().max().item()
+    base = (baseline.double() - ref64).abs().max().item()
+    floor = rel_floor * ref64.abs().max().item()
+    assert err <= factor * base + floor, f"{what}: kernel error {err:.3e} > {factor}·{base:.3e} + {floor:.3e}"
+
+
+def fp64_reference(qkv, h, d):
+    x = qkv.double().reshape(-1, 3, h, d)
+    q, k = x[:, 0].transpose(0, 1), x[:, 1].transpose(0, 1)  # (H, N, d)
+    return q.mT @ q, k.mT @ k, (q * q * k * k).sum(1)
+
+
+def _zeros(h, d):
+    gq = torch.zeros(h, d, d, dtype=torch.float64, device=DEVICE)
+    return gq, torch.zeros_like(gq), torch.zeros(h, d, dtype=torch.float64, device=DEVICE)
+
+
+def _qkv(kind, h, d, dtype, gen):
+    w = 3 * h * d
+    if kind == "2d-sliced":  # (197, 3Hd) cut from a wider buffer
+        x = (torch.randn(197, w + 9, generator=gen) * 1.2 + 0.3).to(dtype)[:, 4:4 + w]
+    elif kind == "3d-unmergeable":  # (2, 50, 3Hd) cut from (2, 53, 3Hd + 2): no flat token view
+        x = (torch.randn(2, 53, w + 2, generator=gen) * 1.2 + 0.3).to(dtype)[:, 3:, 2:]
+    elif kind == "3d-contiguous":
+        x = (torch.randn(2, 50, w, generator=gen) * 1.2 + 0.3).to(dtype)
+    else:
+        raise ValueError(kind)
+    return x.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+@pytest.mark.parametrize("kind,split", [("2d-sliced", 1), ("3d-unmergeable", 3), ("3d-contiguous", 2)])
+def test_attention_stats_match_fp64(dtype, kind, split):
+    h, d = 3, 80  # d not a power of two: padded to 128 with masks
+    gen = torch.Generator().manual_seed(split)
+    qkv = _qkv(kind, h, d, dtype, gen)
+    start = [torch.randn(h, d, d, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2)]
+    start.append(torch.randn(h, d, generator=gen, dtype=torch.float64).to(DEVICE))
+    out = [t.clone() for t in start]
+    _triton()(*out, qkv, h, d, split_k=split)
+    base = [t.clone() for t in start]
+    attention_stats_update_(*base, qkv, h, d, backend="torch")
+    ref = [s + r for s, r in zip(start, fp64_reference(qkv, h, d))]
+    for name, o, b, r in zip(("gram_q", "gram_k", "score"), out, base, ref):
+        assert_within_bound(o, b, r, what=f"{name} {kind} {dtype}")
+
+
+def test_attention_stats_accumulate_across_chunks():
+    h, d = 2, 16
+    gen = torch.Generator().manual_seed(7)
+    out, base, ref = _zeros(h, d), _zeros(h, d), _zeros(h, d)
+    for n, dtype, split in ((37, torch.float32, 1), (64, torch.bfloat16, 3), (5, torch.float16, 1)):
+        qkv = torch.randn(n, 3 * h * d, generator=gen).to(dtype).to(DEVICE)
+        _triton()(*out, qkv, h, d, split_k=split)
+        attention_stats_update_(*base, qkv, h, d, backend="torch")
+        for acc, r in zip(ref, fp64_reference(qkv, h, d)):
+            acc += r
+    for name, o, b, r in zip(("gram_q", "gram_k", "score"), out, base, ref):
+        assert_within_bound(o, b, r, what=name)
+
+
+def test_attention_stats_ignore_v_and_other_heads():
+    """Each head reads only its own q and k columns: v and the other heads' values do not leak in."""
+    h, d = 2, 16
+    gen = torch.Generator().manual_seed(8)
+    qkv = torch.randn(40, 3 * h * d, generator=gen).to(DEVICE)
+    out = _zeros(h, d)
+    _triton()(*out, qkv, h, d)
+    poisoned = qkv.clone()
+    poisoned[:, 2 * h * d:] = float("nan")  # v
+    poisoned[:, d:h * d] = 0  # q of head 1
+    out2 = _zeros(h, d)
+    _triton()(*out2, poisoned, h, d)
+    assert torch.equal(out2[0][0], out[0][0]) and torch.equal(out2[1], out[1])
+    assert not out2[0][1].any() and not out2[2][1].any()
+
+
+def test_attention_dispatch_through_stats_backend_and_custom_op():
+    from corp.kernels import ops  # noqa: F401  (registers torch.ops.corp.*)
+
+    h, d = 2, 24
+    gen = torch.Generator().manual_seed(9)
+    qkv = torch.randn(2, 7, 3 * h * d, generator=gen).to(DEVICE)
+    a, b, c = _zeros(h, d), _zeros(h, d), _zeros(h, d)
+    attention_stats_update_(*a, qkv, h, d, backend="triton")
+    attention_stats_update_(*b, qkv, h, d, backend="torch")
+    torch.ops.corp.attention_stats_update_(*c, qkv, h, d)
+    for x, y, z in zip(a, b, c):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(z, y, rtol=1e-5, atol=1e-5)
+    cpu = [t.cpu() for t in _zeros(h, d)]
+    torch.library.opcheck(torch.ops.corp.attention_stats_update_.default, (*cpu, qkv.cpu().to(torch.bfloat16), h, d))
+
+
+def test_attention_stats_reject_bad_arguments():
+    f = _triton()
+    h, d = 2, 8
+    acc = _zeros(h, d)
+    with pytest.raises(ValueError):
+        f(*acc, torch.randn(4, 3 * h * d + 1, device=DEVICE), h, d)
+    with pytest.raises(ValueError):
+        f(*_zeros(h, d + 1), torch.randn(4, 3 * h * d, device=DEVICE), h, d)
+    with pytest.raises(TypeError):
+        f(acc[0].float(), acc[1], acc[2], torch.randn(4, 3 * h * d, device=DEVICE), h, d)
+
+
+# ---------------------------------------------------------------------------- GPU only
+
+
+@gpu
+@pytest.mark.parametrize("h,d", [(12, 64), (16, 80)], ids=["deit_base", "deit3_huge"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_attention_stats_real_sizes(h, d, dtype):
+    """One engine chunk of DeiT-B / DeiT-III-H qkv outputs (32 images × 197 / 257 tokens)."""
+    torch.manual_seed(h)
+    tokens = 197 if d == 64 else 257
+    qkv = (torch.randn(32, tokens, 3 * h * d, device="cuda") * 1.2 + 0.3).to(dtype)
+    out, base = _zeros(h, d), _zeros(h, d)
+    _triton()(*out, qkv, h, d)
+    attention_stats_update_(*base, qkv, h, d, backend="torch")
+    ref = fp64_reference(qkv, h, d)
+    for name, o, b, r in zip(("gram_q", "gram_k", "score"), out, base, ref):
+        assert_within_bound(o, b, r, what=f"{name} H={h} d={d} {dtype}")
+
+
+@gpu
+def test_gpu_attention_stats_tf32_bound():
+    """fp32 qkv with input_precision="tf32": within 2× torch's TF32 bmm error (+ a TF32-sized floor)."""
+    torch.manual_seed(0)
+    h, d = 12, 64
+    qkv = torch.randn(8192, 3 * h * d, device="cuda")
+    out = _zeros(h, d)
+    _triton()(*out, qkv, h, d, input_precision="tf32")
+    x = qkv.view(-1, 3, h, d)
+    q = x[:, 0].transpose(0, 1)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        base_q = q.mT @ q
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    ref = fp64_reference(qkv, h, d)
+    assert_within_bound(out[0], base_q, ref[0], rel_floor=1e-4, what="gram_q tf32")
