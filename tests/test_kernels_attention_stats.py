@@ -24,6 +24,15 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+@pytest.fixture(autouse=True)
+def _untuned_unless_asked(request, monkeypatch):
+    """On a GPU, run the fixed default configuration: tuning compiles and times every
+    configuration for every new odd shape of these tests, which takes minutes. The
+    autotuning test (and the benchmarks) use the tuner."""
+    if "autotun" not in request.node.name:
+        monkeypatch.setenv("CORP_TRITON_AUTOTUNE", "0")
+
+
 def _triton():
     from corp.kernels.attention_stats import attention_stats_update_triton_
 
@@ -174,3 +183,20 @@ def test_gpu_attention_stats_tf32_bound():
         torch.backends.cuda.matmul.allow_tf32 = old
     ref = fp64_reference(qkv, h, d)
     assert_within_bound(out[0], base_q, ref[0], rel_floor=1e-4, what="gram_q tf32")
+
+
+@gpu
+def test_gpu_autotuning_does_not_corrupt_the_accumulators(monkeypatch):
+    """The first call for a new key tunes on scratch accumulators: the chunk is added exactly once."""
+    from corp.kernels import attention_stats as ka
+
+    monkeypatch.setenv("CORP_TRITON_AUTOTUNE", "1")
+    ka._tuned_keys.clear()
+    ka._attention_stats_kernel_tuned.cache.clear()
+    torch.manual_seed(2)
+    h, d = 6, 64
+    qkv = torch.randn(5000, 3 * h * d, device="cuda", dtype=torch.bfloat16)
+    out = [t + 1 for t in _zeros(h, d)]
+    _triton()(*out, qkv, h, d)
+    for name, o, r in zip(("gram_q", "gram_k", "score"), out, fp64_reference(qkv, h, d)):
+        torch.testing.assert_close(o, 1 + r, rtol=1e-5, atol=1e-3, msg=lambda m: f"{name}: {m}")

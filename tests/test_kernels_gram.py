@@ -28,6 +28,15 @@ pytestmark = pytest.mark.skipif(
 )
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _untuned_unless_asked(request, monkeypatch):
+    """On a GPU, run the fixed default configuration: tuning compiles and times every
+    configuration for every new odd shape of these tests, which takes minutes. The
+    autotuning test (and the benchmarks) use the tuner."""
+    if "autotun" not in request.node.name:
+        monkeypatch.setenv("CORP_TRITON_AUTOTUNE", "0")
 REL_FLOOR = 1e-6
 
 
@@ -315,10 +324,11 @@ def test_gpu_gram_million_tokens_error():
 
 
 @gpu
-def test_gpu_autotuning_does_not_corrupt_the_accumulator():
+def test_gpu_autotuning_does_not_corrupt_the_accumulator(monkeypatch):
     """The first call for a new key tunes (many launches) on scratch: the chunk is added exactly once."""
     from corp.kernels import gram as kg
 
+    monkeypatch.setenv("CORP_TRITON_AUTOTUNE", "1")
     kg._tuned_keys.clear()
     kg._gram_kernel_tuned.cache.clear()
     torch.manual_seed(1)

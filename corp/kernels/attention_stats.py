@@ -112,11 +112,10 @@ if triton is not None:
 
     def _configs():
         c = triton.Config
-        return [
+        return [  # few on purpose: each is compiled and timed per new key
             c({"BLOCK_K": 64}, num_warps=4, num_stages=3),
             c({"BLOCK_K": 64}, num_warps=8, num_stages=3),
             c({"BLOCK_K": 128}, num_warps=8, num_stages=3),
-            c({"BLOCK_K": 32}, num_warps=4, num_stages=4),
         ]
 
     _attention_stats_kernel_tuned = triton.autotune(
@@ -175,6 +174,8 @@ def attention_stats_update_triton_(
     if any(t.device != qkv.device for t in (gram_q, gram_k, score)):
         raise ValueError("accumulators and qkv must be on the same device")
     precision = _check_precision(input_precision)
+    if qkv.dtype != torch.float32:
+        precision = "ieee"  # exact 16-bit products whatever was asked: one compiled variant
     check_launch(qkv.device)
     if qkv.numel() == 0:
         return

@@ -134,26 +134,27 @@ if triton is not None:
                 old_c = tl.load(c_ptrs, mask=col_ok, other=0.0)
                 tl.store(c_ptrs, old_c + csum.to(tl.float64), mask=col_ok)
 
+    # Few configurations on purpose: each is compiled and timed for every new
+    # key (D, dtype, precision, split or not, 3-D or not) on first use.
+    _CONFIGS_16BIT = [
+        triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    ]
+    _CONFIGS_FP32 = [
+        triton.Config({"BLOCK": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK": 128, "BLOCK_K": 16}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    ]
+
     def _configs():
-        c = triton.Config
-        return [
-            # 16-bit inputs (tensor cores)
-            c({"BLOCK": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-            c({"BLOCK": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-            c({"BLOCK": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-            c({"BLOCK": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
-            c({"BLOCK": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-            # fp32 inputs
-            c({"BLOCK": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-            c({"BLOCK": 128, "BLOCK_K": 16}, num_warps=8, num_stages=4),
-            c({"BLOCK": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-        ]
+        return _CONFIGS_16BIT + _CONFIGS_FP32
 
     def _prune(configs, named_args, **kwargs):
-        wide = named_args["x_ptr"].dtype == torch.float32
-        # 16-bit: the first five; fp32: the (smaller-K) last three plus one 16-bit one.
-        keep = configs[5:] + configs[2:3] if wide else configs[:5]
-        return keep
+        if named_args["x_ptr"].dtype == torch.float32:
+            return [c for c in configs if c in _CONFIGS_FP32]
+        return [c for c in configs if c in _CONFIGS_16BIT]
 
     _gram_kernel_tuned = triton.autotune(
         configs=_configs(),
@@ -272,6 +273,8 @@ def gram_update_triton_(
     if gram.device != x.device or colsum.device != x.device:
         raise ValueError("gram, colsum and x must be on the same device")
     precision = _check_precision(input_precision)
+    if x.dtype != torch.float32:
+        precision = "ieee"  # exact 16-bit products whatever was asked: one compiled variant
     check_launch(x.device)
     if x.numel() == 0:
         return
