@@ -55,7 +55,8 @@ def resolve_stats_backend(requested: str, device: torch.device) -> str:
 
     ``"triton"`` when asked for and usable (CUDA tensors, or CPU tensors under
     Triton's interpreter, ``TRITON_INTERPRET=1``), else RuntimeError;
-    ``"auto"``/``"compiled"``: ``"triton"`` on CUDA when triton imports, else
+    ``"auto"``/``"compiled"``: ``"triton"`` on CUDA GPUs of compute capability
+    8.0 or newer (the GPUs Triton targets) when triton imports, else
     ``"torch"`` (always on the CPU); ``"torch"``: the reference.
     """
     device = torch.device(device)
@@ -75,10 +76,10 @@ def resolve_stats_backend(requested: str, device: torch.device) -> str:
                 "only in Triton's interpreter: set TRITON_INTERPRET=1 before importing triton"
             )
         return "triton"
-    if device.type == "cuda":  # "auto", "compiled": the fastest available
+    if device.type == "cuda" and torch.cuda.is_available():  # "auto", "compiled": the fastest available
         from .kernels import triton_available
 
-        if triton_available():
+        if torch.cuda.get_device_capability(device) >= (8, 0) and triton_available():
             return "triton"
     return "torch"
 
