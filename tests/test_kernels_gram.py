@@ -280,7 +280,7 @@ def test_gpu_gram_real_sizes_16bit(d, dtype):
 @gpu
 @pytest.mark.parametrize("precision", ["ieee", "tf32", "tf32x3"])
 def test_gpu_gram_fp32_precisions(precision):
-    """fp32 inputs: "ieee" within 2× torch fp32, "tf32" within 2× torch with TF32 on, "tf32x3" within 2× ieee torch."""
+    """fp32 inputs: "ieee" within 2× torch fp32, "tf32" within 2× torch with TF32 on, "tf32x3" near ieee torch."""
     torch.manual_seed(0)
     d = 768
     x = torch.nn.functional.gelu(torch.randn(8192, d, device="cuda") * 1.5 + 0.5)
@@ -296,7 +296,8 @@ def test_gpu_gram_fp32_precisions(precision):
     x64 = x.double()
     ref = x64.T @ x64
     up = torch.ones(d, d, dtype=torch.bool, device="cuda").triu()
-    floor = REL_FLOOR if precision != "tf32" else 1e-4
+    # TF32 rounds inputs to 10 mantissa bits; 3xTF32 drops the lo·lo term (~2⁻²² per product)
+    floor = {"ieee": REL_FLOOR, "tf32x3": 1e-5, "tf32": 1e-4}[precision]
     assert_within_bound(g[up], base[up], ref[up], rel_floor=floor, what=precision)
     rel = ((g[up] - ref[up]).abs().max() / ref.abs().max()).item()
     print(f"\nfp32 input, input_precision={precision}: max rel err {rel:.2e}")
