@@ -88,9 +88,10 @@ def gram_update_(gram: torch.Tensor, colsum: torch.Tensor, x: torch.Tensor, back
     """Add one chunk's Gram matrix and column sums into fp64 accumulators.
 
     Args:
-        gram: ``(D, D)`` float64 accumulator. Only its upper triangle (diagonal
-            included) is updated; the strict lower triangle is left as it is and
-            must be ignored by the caller (see :func:`symmetrize_upper`).
+        gram: ``(D, D)`` float64 accumulator. Its upper triangle (diagonal
+            included) receives the chunk's Gram; the strict lower triangle holds
+            unspecified values and must be ignored by the caller (see
+            :func:`symmetrize_upper`).
         colsum: ``(D,)`` float64 accumulator of column sums.
         x: ``(..., D)`` activations in fp32, bf16 or fp16, any strides.
         backend: ``"torch"`` (blocked upper-triangular matmuls) or
