@@ -1,14 +1,24 @@
 """Closed-form solves: batched ridge regression and the attention Sylvester equation.
 
 These are the swappable solve kernels of the engine. This module is the
-PyTorch reference (and CPU path); compiled backends replace
-:func:`ridge_solve` behind the same signature.
+PyTorch reference; the compiled solver (``csrc/``, loaded by
+:mod:`corp._compiled`: the ``torch.ops.corp.ridge_solve`` custom op) replaces
+:func:`ridge_solve` behind the same signature with ``backend="compiled"``.
+
+The attention Sylvester equation keeps its eigen form with every backend: it
+is the exact solution in O(s³) per head, and the Cholesky op cannot replace it
+without changing the estimator (factoring both Grams solves
+``(GQ + αI) M (GK + βI) = C``, a different regulariser) or without the
+O(s⁶) Kronecker system; benchmarks/sylvester_choice.py measures the three
+(README, "Compiled solver").
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from . import _compiled
 
 __all__ = ["resolve_solve_backend", "RidgeSolution", "ridge_solve", "sylvester_solve", "MAX_DAMPING_RETRIES", "DAMPING_GROWTH"]
 
@@ -22,9 +32,25 @@ DAMPING_GROWTH = 10.0
 
 
 def resolve_solve_backend(requested: str, device: torch.device) -> str:
-    """The solve implementation for a ``corp.prune(backend=...)`` name (see :mod:`corp.backends`)."""
+    """The solve implementation for a ``corp.prune(backend=...)`` name (see :mod:`corp.backends`).
+
+    ``"compiled"`` requires the compiled solver (RuntimeError saying how to
+    build it otherwise, or when it lacks the CUDA kernels for a CUDA device).
+    ``"auto"`` (and ``"triton"``, whose solves are "auto") takes it whenever
+    it is built, loads and runs on ``device``: on the engine's calls it is
+    never slower than the reference (small systems: its own kernels; large
+    ones: the same LAPACK/cuSOLVER calls), see README "Compiled solver".
+    """
+    if requested == "torch":
+        return "torch"
+    device = torch.device(device)
     if requested == "compiled":
-        raise RuntimeError("the compiled solve backend is not available in this build of corp")
+        _compiled.require(device)
+        return "compiled"
+    if device.type == "cpu" and _compiled.available():
+        return "compiled"
+    if device.type == "cuda" and _compiled.cuda_available():
+        return "compiled"
     return "torch"
 
 
@@ -52,7 +78,9 @@ def ridge_solve(
         matrix: ``(b, n, n)`` symmetric positive semi-definite A (fp32 or fp64).
         rhs: ``(b, n, m)`` right-hand sides B.
         damping: ``(b,)`` non-negative λ, or a scalar applied to all.
-        backend: ``"torch"`` (reference: ``torch.linalg.cholesky_ex`` + ``cholesky_solve``).
+        backend: ``"torch"`` (reference: ``torch.linalg.cholesky_ex`` + ``cholesky_solve``)
+            or ``"compiled"`` (``torch.ops.corp.ridge_solve``: same rule, fused
+            kernels for small n; see :mod:`corp._compiled`).
 
     Returns:
         :class:`RidgeSolution`. Where even the last retry fails to factor, the
@@ -66,6 +94,9 @@ def ridge_solve(
     damping = torch.as_tensor(damping, dtype=matrix.dtype, device=matrix.device).expand(b).clone()
     if (damping < 0).any() or not torch.isfinite(damping).all():
         raise ValueError("damping must be finite and non-negative")
+    if backend == "compiled":
+        solution, used, ok = _compiled.ridge_solve(matrix, rhs, damping, MAX_DAMPING_RETRIES, DAMPING_GROWTH)
+        return RidgeSolution(solution, used, ok)
     if backend != "torch":
         raise ValueError(f"unknown solve backend {backend!r}")
 
@@ -103,12 +134,14 @@ def sylvester_solve(
         gram_k: ``(b, s, s)`` symmetric PSD.
         rhs: ``(b, s, s)`` C.
         damping: ``(b,)`` λ > 0.
-        backend: ``"torch"`` (reference: batched ``torch.linalg.eigh``).
+        backend: ``"torch"`` or ``"compiled"``: both use this eigen form
+            (batched ``torch.linalg.eigh``), the exact solution; see the
+            module docstring for why the compiled Cholesky op is not used here.
 
     Returns:
         ``(b, s, s)`` M.
     """
-    if backend != "torch":
+    if backend not in ("torch", "compiled"):
         raise ValueError(f"unknown solve backend {backend!r}")
     eig_q, vec_q = torch.linalg.eigh(gram_q)
     eig_k, vec_k = torch.linalg.eigh(gram_k)

@@ -1,0 +1,150 @@
+"""Loader of the compiled solver ``corp._C`` (``csrc/``): the ``torch.ops.corp.ridge_solve`` custom op.
+
+The package imports and works without it: :func:`available` is then False and
+:func:`require` raises a RuntimeError that says how to build it. The extension
+is built by ``pip install --no-build-isolation -e .`` (see setup.py); the
+outcome of that build is recorded in ``corp/_ext_build.json``.
+
+Opt-in JIT fallback (GPU machines with a compiler and the sources at hand):
+``CORP_JIT_BUILD=1`` compiles ``csrc/`` with ``torch.utils.cpp_extension.load``
+on first use when the built extension is missing.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "BUILD_COMMAND",
+    "available",
+    "cuda_available",
+    "load_error",
+    "build_record",
+    "require",
+    "ridge_solve",
+]
+
+BUILD_COMMAND = "pip install --no-build-isolation -e ."
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_SOURCE_DIR = os.path.join(os.path.dirname(_PACKAGE_DIR), "csrc")
+
+_CPU_SOURCES = ("ridge_solve.cpp", "ridge_solve_cpu_base.cpp", "ridge_solve_cpu_avx2.cpp", "ridge_solve_cpu_avx512.cpp")
+_module = None
+_error: Optional[str] = None
+_tried = False
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("corp::ridge_solve")
+    def _(matrix, rhs, damping, max_retries=8, growth=10.0):
+        b = matrix.shape[0]
+        return (
+            rhs.new_empty(rhs.shape),
+            damping.new_empty((b,)),
+            matrix.new_empty((b,), dtype=torch.bool),
+        )
+
+
+def _jit_load():
+    from torch.utils import cpp_extension
+
+    sources = [os.path.join(_SOURCE_DIR, name) for name in _CPU_SOURCES]
+    cflags = ["-O3", "-fopenmp"]
+    with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+    if with_cuda:
+        sources.append(os.path.join(_SOURCE_DIR, "ridge_solve_cuda.cu"))
+        cflags.append("-DCORP_WITH_CUDA")
+    return cpp_extension.load(
+        name="corp_C_jit",
+        sources=sources,
+        extra_cflags=cflags,
+        extra_cuda_cflags=["-O3", "-DCORP_WITH_CUDA"],
+        extra_ldflags=["-fopenmp"],
+        with_cuda=with_cuda,
+        verbose=os.environ.get("CORP_JIT_VERBOSE", "0") == "1",
+    )
+
+
+def _load() -> None:
+    global _module, _error, _tried
+    if _tried:
+        return
+    _tried = True
+    try:
+        _module = importlib.import_module("corp._C")
+    except (ImportError, OSError) as exc:
+        _error = f"{type(exc).__name__}: {exc}"
+        if os.environ.get("CORP_JIT_BUILD", "0") == "1" and os.path.isdir(_SOURCE_DIR):
+            try:
+                _module = _jit_load()
+                _error = None
+            except Exception as jit_exc:  # noqa: BLE001 - any compiler failure: report it
+                _error += f"; JIT build (CORP_JIT_BUILD=1) failed: {type(jit_exc).__name__}: {jit_exc}"
+    if _module is not None:
+        _register_fake()
+
+
+def build_record() -> Optional[dict]:
+    """The outcome of the last ``setup.py`` build of the extension (``corp/_ext_build.json``), if any."""
+    path = os.path.join(_PACKAGE_DIR, "_ext_build.json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def available() -> bool:
+    """True when the compiled solver is built and loads."""
+    _load()
+    return _module is not None
+
+
+def cuda_available() -> bool:
+    """True when the loaded extension has its CUDA kernels (and a GPU is visible)."""
+    return available() and bool(getattr(_module, "with_cuda", False)) and torch.cuda.is_available()
+
+
+def load_error() -> Optional[str]:
+    """Why the extension did not load (None when it did)."""
+    _load()
+    return _error
+
+
+def _explain() -> str:
+    msg = (
+        "the compiled solve backend is not available: the extension corp._C is not built or does not load"
+        f" ({_error}). Build it from the repository root with\n    {BUILD_COMMAND}\n"
+        "(needs torch installed first, ninja and a C++ compiler; nvcc for the CUDA kernels; "
+        "CORP_BUILD_CUDA=0/1 forces the CUDA part off/on). "
+    )
+    record = build_record()
+    if record and record.get("status") != "built":
+        msg += f"The last build failed: {record.get('cuda_error') or ''} {record.get('error') or ''}. "
+    msg += "Or use backend='torch'."
+    return msg
+
+
+def require(device: Optional[torch.device] = None) -> None:
+    """Raise RuntimeError (saying how to build it) unless the compiled solver can run on ``device``."""
+    if not available():
+        raise RuntimeError(_explain())
+    if device is not None and torch.device(device).type == "cuda" and not getattr(_module, "with_cuda", False):
+        raise RuntimeError(
+            "the compiled solver was built without its CUDA kernels; rebuild it on a machine with nvcc and a CUDA "
+            f"build of torch: CORP_BUILD_CUDA=1 {BUILD_COMMAND}"
+        )
+    if device is not None and torch.device(device).type not in ("cpu", "cuda"):
+        raise RuntimeError(f"the compiled solver runs on CPU and CUDA tensors, not on {device}")
+
+
+def ridge_solve(
+    matrix: torch.Tensor, rhs: torch.Tensor, damping: torch.Tensor, max_retries: int, growth: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.corp.ridge_solve``: ``(solution, damping_used, ok)``; see csrc/ridge_solve.cpp."""
+    require()
+    return torch.ops.corp.ridge_solve(matrix, rhs, damping, max_retries, growth)
