@@ -35,7 +35,7 @@ __all__ = [
 DIGITS_VIT_CONFIG = dict(
     img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=4, num_heads=4, mlp_ratio=4.0,
 )
-TRAIN_SETTINGS = dict(epochs=40, batch_size=64, lr=2e-3, weight_decay=0.05, seed=0)
+TRAIN_SETTINGS = dict(epochs=80, batch_size=64, lr=2e-3, weight_decay=0.05, seed=0)
 
 
 @dataclass
