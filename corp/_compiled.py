@@ -5,6 +5,8 @@ The package imports and works without it: :func:`available` is then False and
 is built by ``pip install --no-build-isolation -e .`` (see setup.py); the
 outcome of that build is recorded in ``corp/_ext_build.json``.
 
+``CORP_DISABLE_EXT=1`` ignores a built extension (as if it were not built).
+
 Opt-in JIT fallback (GPU machines with a compiler and the sources at hand):
 ``CORP_JIT_BUILD=1`` compiles ``csrc/`` with ``torch.utils.cpp_extension.load``
 on first use when the built extension is missing.
@@ -74,6 +76,9 @@ def _load() -> None:
     if _tried:
         return
     _tried = True
+    if os.environ.get("CORP_DISABLE_EXT", "0") == "1":
+        _error = "disabled by CORP_DISABLE_EXT=1"
+        return
     try:
         _module = importlib.import_module("corp._C")
     except (ImportError, OSError) as exc:

@@ -82,7 +82,9 @@ Result ridge_solve_aten(const Tensor& matrix, const Tensor& rhs, const Tensor& d
   const Tensor eye = at::eye(n, matrix.options());
   const double tiny = matrix.scalar_type() == at::kDouble ? std::numeric_limits<double>::min()
                                                           : static_cast<double>(std::numeric_limits<float>::min());
-  const Tensor floor = matrix.diagonal(0, -2, -1).abs().mean(-1).mul(kDampingFloorRelative).clamp_min(tiny);
+  // NaN on the diagonal: floor tiny, as in the kernels (the damping stays a number).
+  const Tensor floor =
+      matrix.diagonal(0, -2, -1).abs().mean(-1).mul(kDampingFloorRelative).clamp_min(tiny).nan_to_num(tiny);
   Tensor todo = at::arange(b, matrix.options().dtype(at::kLong));
   for (int64_t attempt = 0;; ++attempt) {
     const bool all = todo.size(0) == b;

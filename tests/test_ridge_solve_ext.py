@@ -1,0 +1,346 @@
+"""The compiled ridge solver ``torch.ops.corp.ridge_solve`` (csrc/) against torch.linalg.
+
+CPU cases run wherever the extension is built; the same cases on CUDA run
+only with a GPU and an extension built with its CUDA kernels. Tests skip only
+when the extension is not built (and fail when the build record says that a
+build was attempted and failed, so that a compile error cannot pass CI).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from corp import _compiled
+from corp.solve import DAMPING_GROWTH, MAX_DAMPING_RETRIES, resolve_solve_backend, ridge_solve
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_OK = torch.cuda.is_available() and _compiled.available() and _compiled.cuda_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_OK, reason="needs a GPU and the CUDA kernels"))]
+
+
+@pytest.fixture(autouse=True)
+def _needs_extension(request):
+    if getattr(request.function, "runs_without_extension", False):
+        return
+    if not _compiled.available():
+        record = _compiled.build_record()
+        if record is not None and record.get("status") != "built":
+            pytest.fail(f"the extension build failed: {json.dumps(record)}")
+        pytest.skip(f"compiled solver not built ({_compiled.load_error()}); build: {_compiled.BUILD_COMMAND}")
+
+
+def op(a, b, lam, retries=MAX_DAMPING_RETRIES, growth=DAMPING_GROWTH):
+    return torch.ops.corp.ridge_solve(a, b, lam, retries, growth)
+
+
+def spd(batch, n, dtype=torch.float64, device="cpu", seed=0, rank=None):
+    """Gram matrices X Xᵀ / k of random X (n × k); rank < n makes them singular."""
+    g = torch.Generator().manual_seed(seed)
+    k = rank if rank is not None else n + 5
+    x = torch.randn(batch, n, k, generator=g, dtype=torch.float64)
+    return (x @ x.transpose(1, 2) / k).to(dtype=dtype, device=device)
+
+
+def rhs(batch, n, m, dtype=torch.float64, device="cpu", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, n, m, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def linalg_reference(a, b, lam):
+    """(A + λI)⁻¹ B by torch.linalg in fp64."""
+    a64, b64, l64 = a.double(), b.double(), lam.double()
+    eye = torch.eye(a.shape[-1], dtype=torch.float64, device=a.device)
+    factor = torch.linalg.cholesky(a64 + l64[:, None, None] * eye)
+    return torch.cholesky_solve(b64, factor)
+
+
+def backward_error(a, b, lam, x):
+    """max_b ‖(A + λI)X − B‖ / (‖A + λI‖ ‖X‖ + ‖B‖), in fp64."""
+    a64 = a.double() + lam.double()[:, None, None] * torch.eye(a.shape[-1], dtype=torch.float64, device=a.device)
+    r = a64 @ x.double() - b.double()
+    num = torch.linalg.matrix_norm(r)
+    den = torch.linalg.matrix_norm(a64) * torch.linalg.matrix_norm(x.double()) + torch.linalg.matrix_norm(b.double())
+    return float((num / den).max())
+
+
+def test_build_record_has_no_error():
+    """A failed CUDA (or CPU) compile in auto mode installs without it but is recorded: fail here."""
+    record = _compiled.build_record()
+    if record is None:
+        pytest.skip("no build record (extension built by JIT or by another route)")
+    assert record["status"] == "built", record
+    assert record["cuda_error"] is None, record["cuda_error"]
+    assert record["error"] is None, record["error"]
+    assert bool(_compiled._module.with_cuda) == bool(record["with_cuda"])
+
+
+# ----------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", [1, 300])
+@pytest.mark.parametrize("m", ["one", "many"])
+@pytest.mark.parametrize("n", [1, 7, 33, 80, 129])
+def test_matches_linalg_fp64(n, m, batch, device):
+    m = 1 if m == "one" else n + 5
+    a, b = spd(batch, n, device=device), rhs(batch, n, m, device=device)
+    lam = torch.full((batch,), 1e-2, dtype=torch.float64, device=device)
+    x, used, ok = op(a, b, lam)
+    assert x.shape == (batch, n, m) and x.dtype == torch.float64 and x.device.type == device
+    assert ok.dtype == torch.bool and bool(ok.all())
+    torch.testing.assert_close(used, lam, rtol=0, atol=0)  # well conditioned: no retry
+    torch.testing.assert_close(x, linalg_reference(a, b, lam), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [7, 33, 80, 128, 129])
+def test_matches_linalg_fp32(n, device):
+    batch, m = 300, 45
+    a, b = spd(batch, n, torch.float32, device), rhs(batch, n, m, torch.float32, device)
+    lam = torch.full((batch,), 1e-1, dtype=torch.float32, device=device)
+    x, used, ok = op(a, b, lam)
+    assert x.dtype == torch.float32 and bool(ok.all())
+    ref = linalg_reference(a, b, lam)
+    assert float((x.double() - ref).abs().max() / ref.abs().max()) < 1e-4
+    assert backward_error(a, b, lam, x) < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [200, 256, 257, 300])
+def test_larger_systems_kernel_and_library_paths(n, device):
+    """n up to 256 with a full batch runs the CPU kernel; beyond, or a single system, torch.linalg."""
+    for batch in (1, 2 * torch.get_num_threads() + 1):
+        a, b = spd(batch, n, device=device, seed=n), rhs(batch, n, 37, device=device)
+        lam = torch.full((batch,), 1e-2, dtype=torch.float64, device=device)
+        x, used, ok = op(a, b, lam)
+        assert bool(ok.all())
+        torch.testing.assert_close(x, linalg_reference(a, b, lam), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_right_hand_sides_in_chunks(device):
+    a, b = spd(3, 64, device=device), rhs(3, 64, 1000, device=device)
+    lam = torch.full((3,), 1e-2, dtype=torch.float64, device=device)
+    x, _, ok = op(a, b, lam)
+    assert bool(ok.all())
+    torch.testing.assert_close(x, linalg_reference(a, b, lam), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reads_lower_triangle_only(device):
+    """Like torch.linalg.cholesky: the strict upper triangle is never read (NaN there changes nothing)."""
+    a, b = spd(20, 33, device=device), rhs(20, 33, 4, device=device)
+    lam = torch.full((20,), 1e-2, dtype=torch.float64, device=device)
+    upper = torch.triu(torch.ones(33, 33, dtype=torch.bool, device=device), diagonal=1)
+    x, _, ok = op(a.masked_fill(upper, float("nan")), b, lam)
+    assert bool(ok.all())
+    torch.testing.assert_close(x, op(a, b, lam)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_shapes(device):
+    for batch, n, m in [(0, 5, 3), (4, 0, 3), (4, 5, 0)]:
+        a = spd(batch, n, device=device) if n else torch.zeros(batch, 0, 0, dtype=torch.float64, device=device)
+        b = torch.zeros(batch, n, m, dtype=torch.float64, device=device)
+        lam = torch.ones(batch, dtype=torch.float64, device=device)
+        x, used, ok = op(a, b, lam)
+        assert x.shape == (batch, n, m) and used.shape == (batch,) and ok.shape == (batch,)
+        assert bool(ok.all())
+
+
+# --------------------------------------------------- conditioning and failures
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_singular_dead_channel_retries_at_the_floor(device):
+    """A channel that is always zero (a zero row and column): λ = 0 fails exactly at its pivot, in both
+    implementations, and the first retry uses the floor mean|diag|·1e-12: same status, damping and solution."""
+    batch, n, dead = 300, 33, 7
+    a = spd(batch, n, device=device)
+    a[:, dead, :] = 0
+    a[:, :, dead] = 0
+    b = rhs(batch, n, 5, device=device)
+    b[:, dead, :] = 0  # consistent system: the dead channel's covariance with the rest is zero
+    lam = torch.zeros(batch, dtype=torch.float64, device=device)
+    x, used, ok = op(a, b, lam)
+    ref = ridge_solve(a, b, lam, backend="torch")
+    assert bool(ok.all()) and bool(ref.ok.all())
+    floor = torch.diagonal(a, dim1=1, dim2=2).abs().mean(-1) * 1e-12
+    torch.testing.assert_close(used, floor, rtol=1e-12, atol=0)
+    torch.testing.assert_close(used, ref.damping, rtol=1e-12, atol=0)
+    assert bool(torch.isfinite(x).all())
+    assert float(x[:, dead].abs().max()) == 0.0
+    torch.testing.assert_close(x, ref.solution, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rank_deficient_is_finite_and_solves_the_damped_system(device):
+    """Rank n/2 Grams with λ = 0: factorisation succeeds after retries; X is finite and
+    solves (A + λ_used I) X = B to backward-error precision."""
+    batch, n = 300, 33
+    a, b = spd(batch, n, device=device, rank=n // 2), rhs(batch, n, 3, device=device)
+    lam = torch.zeros(batch, dtype=torch.float64, device=device)
+    x, used, ok = op(a, b, lam)
+    ref = ridge_solve(a, b, lam, backend="torch")
+    assert bool(ok.all()) and bool(torch.isfinite(x).all())
+    assert bool((used > 0).all())
+    # Both walk the same damping ladder (0, floor, 10·floor, ...); round-off may stop them one rung apart.
+    ratio = used / ref.damping
+    assert bool(((ratio > 0.099) & (ratio < 10.01)).all()), ratio
+    assert backward_error(a, b, used, x) < 1e-13
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ill_conditioned_hilbert(device):
+    n = 33
+    i = torch.arange(n, dtype=torch.float64, device=device)
+    hilbert = (1.0 / (i[:, None] + i[None, :] + 1)).expand(4, n, n).contiguous()
+    b = rhs(4, n, 6, device=device)
+    lam = torch.tensor([0.0, 1e-14, 1e-8, 1e-2], dtype=torch.float64, device=device)
+    x, used, ok = op(hilbert, b, lam)
+    assert bool(ok.all()) and bool(torch.isfinite(x).all())
+    assert bool((used >= lam).all())
+    torch.testing.assert_close(used[2:], lam[2:], rtol=0, atol=0)  # damped enough: no retry
+    assert backward_error(hilbert, b, used, x) < 1e-14
+    torch.testing.assert_close(x[3:], linalg_reference(hilbert[3:], b[3:], lam[3:]), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_never_factorable_gives_zero_and_not_ok(device):
+    """Every retry fails (negative definite beyond the largest damping, or NaN): ok is False, the
+    solution is exactly zero (a failed factor is never used), the damping is the last one tried;
+    the good matrices of the same batch are solved normally."""
+    n = 9
+    a = spd(4, n, device=device)
+    a[1] = -1e12 * torch.eye(n, dtype=torch.float64, device=device)
+    a[2, 3, 3] = float("nan")
+    b = rhs(4, n, 2, device=device)
+    lam = torch.ones(4, dtype=torch.float64, device=device)
+    x, used, ok = op(a, b, lam)
+    ref = ridge_solve(a, b, lam, backend="torch")
+    assert ok.tolist() == [True, False, False, True] == ref.ok.tolist()
+    assert float(x[1:3].abs().max()) == 0.0
+    assert float(used[1]) == pytest.approx(DAMPING_GROWTH**MAX_DAMPING_RETRIES)
+    keep = torch.tensor([0, 1, 3], device=device)  # NaN input: the reference's damping turns NaN, the op's not
+    torch.testing.assert_close(used[keep], ref.damping[keep], rtol=1e-12, atol=0)
+    good = torch.tensor([0, 3], device=device)
+    torch.testing.assert_close(x[good], linalg_reference(a[good], b[good], lam[good]), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_retry_limit_is_an_argument(device):
+    a = -torch.eye(3, dtype=torch.float64, device=device)[None].repeat(2, 1, 1)
+    b = rhs(2, 3, 1, device=device)
+    lam = torch.tensor([0.5, 0.5], dtype=torch.float64, device=device)
+    _, used0, ok0 = op(a, b, lam, retries=0)
+    assert not bool(ok0.any()) and used0.tolist() == [0.5, 0.5]
+    x, used, ok = op(a, b, lam, retries=1, growth=4.0)  # 0.5·4 = 2: A + 2I = I
+    assert bool(ok.all()) and used.tolist() == [2.0, 2.0]
+    torch.testing.assert_close(x, b)
+
+
+# ----------------------------------------------------- layouts and bad input
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs_are_handled(device):
+    batch, n, m = 12, 33, 6
+    a, b = spd(batch, n, device=device), rhs(batch, n, m, device=device)
+    lam = torch.full((batch,), 1e-2, dtype=torch.float64, device=device)
+    expected = op(a, b, lam)[0]
+    a_t = a.transpose(1, 2)  # symmetric: same matrix, column-major strides
+    b_wide = torch.zeros(batch, n, 2 * m, dtype=torch.float64, device=device)
+    b_wide[:, :, ::2] = b
+    lam_strided = torch.stack([lam, lam], 1)[:, 0]
+    lam_expanded = torch.tensor(1e-2, dtype=torch.float64, device=device).expand(batch)
+    for args in [(a_t, b, lam), (a, b_wide[:, :, ::2], lam), (a, b, lam_strided), (a, b, lam_expanded)]:
+        assert not all(t.is_contiguous() for t in args)
+        x, _, ok = op(*args)
+        assert bool(ok.all()) and x.is_contiguous()
+        torch.testing.assert_close(x, expected, rtol=0, atol=0)
+    batch_slice = op(a[::2], b[::2], lam[::2])[0]
+    torch.testing.assert_close(batch_slice, expected[::2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_is_rejected_with_a_clear_error(device):
+    a, b = spd(2, 5, device=device), rhs(2, 5, 3, device=device)
+    lam = torch.ones(2, dtype=torch.float64, device=device)
+    cases = [
+        ((a.float(), b, lam), "same dtype"),
+        ((a.half(), b.half(), lam.half()), "float32 or float64"),
+        ((a[:, :4], b, lam), "matrix must be"),
+        ((a, b[:, :4], lam), "rhs must be"),
+        ((a, b, lam[:1]), "damping must be"),
+        ((a, b, lam.cpu() if device == "cuda" else lam.reshape(2, 1)), "damping" if device == "cpu" else "device"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            op(*args)
+    with pytest.raises(RuntimeError, match="growth"):
+        op(a, b, lam, growth=1.0)
+    with pytest.raises(RuntimeError, match="max_retries"):
+        op(a, b, lam, retries=-1)
+
+
+def test_negative_damping_is_rejected_on_cpu():
+    a, b = spd(2, 5), rhs(2, 5, 3)
+    with pytest.raises(RuntimeError, match="finite and non-negative"):
+        op(a, b, torch.tensor([1.0, -1.0], dtype=torch.float64))
+
+
+# ------------------------------------------------------- op registration
+
+
+def test_fake_implementation_and_schema():
+    a, b = spd(3, 7), rhs(3, 7, 2)
+    lam = torch.full((3,), 1e-2, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.corp.ridge_solve.default, (a, b, lam, 8, 10.0))
+    x, used, ok = torch.ops.corp.ridge_solve(a.to("meta"), b.to("meta"), lam.to("meta"), 8, 10.0)
+    assert x.device.type == "meta" and x.shape == (3, 7, 2) and x.dtype == torch.float64
+    assert used.shape == (3,) and ok.dtype == torch.bool
+
+
+def test_ridge_solve_compiled_backend_matches_reference():
+    a, b = spd(5, 40), rhs(5, 40, 11)
+    sol_c = ridge_solve(a, b, 1e-3, backend="compiled")  # scalar damping broadcast by the wrapper
+    sol_t = ridge_solve(a, b, 1e-3, backend="torch")
+    torch.testing.assert_close(sol_c.solution, sol_t.solution, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sol_c.damping, sol_t.damping)
+    assert sol_c.ok.tolist() == sol_t.ok.tolist()
+    assert resolve_solve_backend("compiled", torch.device("cpu")) == "compiled"
+    assert resolve_solve_backend("auto", torch.device("cpu")) == "compiled"
+    assert resolve_solve_backend("torch", torch.device("cpu")) == "torch"
+
+
+def test_missing_extension_gives_the_build_command():
+    """With the extension unavailable (CORP_DISABLE_EXT=1 in a fresh interpreter): corp works through
+    the PyTorch path, "auto" falls back to it and "compiled" raises with the build command."""
+    code = (
+        "import torch, corp\n"
+        "from corp import _compiled\n"
+        "from corp.solve import resolve_solve_backend, ridge_solve\n"
+        "assert not _compiled.available()\n"
+        "assert resolve_solve_backend('auto', torch.device('cpu')) == 'torch'\n"
+        "x = torch.eye(3, dtype=torch.float64)[None]\n"
+        "assert ridge_solve(x, x, 0.0).ok.all()\n"
+        "for call in (lambda: resolve_solve_backend('compiled', torch.device('cpu')),\n"
+        "             lambda: ridge_solve(x, x, 0.0, backend='compiled')):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except RuntimeError as exc:\n"
+        "        assert _compiled.BUILD_COMMAND in str(exc), exc\n"
+        "    else:\n"
+        "        raise AssertionError('no error')\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, CORP_DISABLE_EXT="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("ok")
+
+
+test_missing_extension_gives_the_build_command.runs_without_extension = True
