@@ -70,28 +70,29 @@ void check_inputs(const Tensor& matrix, const Tensor& rhs, const Tensor& damping
               growth);
 }
 
-// The ATen path (LAPACK on CPU, cuSOLVER on CUDA), same rule as the CPU
-// kernel and as corp/solve.py: used for large n, and on CUDA as the fallback.
+// The ATen path (LAPACK on CPU, cuSOLVER/cuBLAS on CUDA), same rule as the
+// kernels and as corp/solve.py: used for large n, and on CUDA as the fallback.
+// The two triangular solves are done from the right on Bᵀ
+// (Xᵀ = Bᵀ L⁻ᵀ L⁻¹), which leaves X row-major with no transposing copy
+// (cholesky_solve returns it column-major).
 Result ridge_solve_aten(const Tensor& matrix, const Tensor& rhs, const Tensor& damping, int64_t max_retries,
                         double growth) {
-  const int64_t b = matrix.size(0), n = matrix.size(1);
+  const int64_t b = matrix.size(0);
   Tensor lam = damping.clone(at::MemoryFormat::Contiguous);
-  Tensor solution = at::zeros(rhs.sizes(), rhs.options());
   Tensor ok = at::zeros({b}, matrix.options().dtype(at::kBool));
-  if (b == 0) return {solution, lam, ok};
-  const Tensor eye = at::eye(n, matrix.options());
+  if (b == 0) return {at::zeros(rhs.sizes(), rhs.options()), lam, ok};
   const double tiny = matrix.scalar_type() == at::kDouble ? std::numeric_limits<double>::min()
                                                           : static_cast<double>(std::numeric_limits<float>::min());
   // NaN on the diagonal: floor tiny, as in the kernels (the damping stays a number).
   const Tensor floor =
       matrix.diagonal(0, -2, -1).abs().mean(-1).mul(kDampingFloorRelative).clamp_min(tiny).nan_to_num(tiny);
+  Tensor solution;  // allocated once a part of the batch is known to need it
   Tensor todo = at::arange(b, matrix.options().dtype(at::kLong));
   for (int64_t attempt = 0;; ++attempt) {
     const bool all = todo.size(0) == b;
-    const Tensor sub = all ? matrix : matrix.index_select(0, todo);
-    const Tensor lam_sub = all ? lam : lam.index_select(0, todo);
-    auto [factor, info] = at::linalg_cholesky_ex(sub + lam_sub.view({-1, 1, 1}) * eye, /*upper=*/false,
-                                                 /*check_errors=*/false);
+    Tensor shifted = all ? matrix.clone(at::MemoryFormat::Contiguous) : matrix.index_select(0, todo);
+    shifted.diagonal(0, -2, -1).add_((all ? lam : lam.index_select(0, todo)).unsqueeze(-1));
+    auto [factor, info] = at::linalg_cholesky_ex(shifted, /*upper=*/false, /*check_errors=*/false);
     const Tensor good = info.eq(0);
     const Tensor good_pos = good.nonzero().squeeze(1);
     if (good_pos.numel() > 0) {
@@ -99,10 +100,13 @@ Result ridge_solve_aten(const Tensor& matrix, const Tensor& rhs, const Tensor& d
       const Tensor idx = all_good ? todo : todo.index_select(0, good_pos);
       const Tensor f = all_good ? factor : factor.index_select(0, good_pos);
       const bool whole = all && all_good;
-      const Tensor x = at::cholesky_solve(whole ? rhs : rhs.index_select(0, idx), f, /*upper=*/false);
+      const Tensor bt = (whole ? rhs : rhs.index_select(0, idx)).mT();
+      const Tensor z = at::linalg_solve_triangular(f.mT(), bt, /*upper=*/true, /*left=*/false);
+      const Tensor x = at::linalg_solve_triangular(f, z, /*upper=*/false, /*left=*/false).mT();
       if (whole) {
-        solution.copy_(x);
+        solution = x.contiguous();
       } else {
+        if (!solution.defined()) solution = at::zeros(rhs.sizes(), rhs.options());
         solution.index_copy_(0, idx, x);
       }
       ok.index_fill_(0, idx, true);
@@ -111,6 +115,7 @@ Result ridge_solve_aten(const Tensor& matrix, const Tensor& rhs, const Tensor& d
     if (todo.numel() == 0 || attempt >= max_retries) break;
     lam.index_copy_(0, todo, at::maximum(lam.index_select(0, todo) * growth, floor.index_select(0, todo)));
   }
+  if (!solution.defined()) solution = at::zeros(rhs.sizes(), rhs.options());
   return {solution, lam, ok};
 }
 
