@@ -63,8 +63,8 @@ def test_calibration_input_forms_give_identical_results(model, images):
     ]
     for form in forms:
         got = corp.prune(model, form, **kwargs).state_dict()
-        for k in ref:
-            torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6)
+        for k in ref:  # other batch boundaries only change the fp32 summation order of the statistics
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5)
 
 
 def test_max_images_limits_calibration(model, images):

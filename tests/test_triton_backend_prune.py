@@ -30,7 +30,10 @@ def _tiny_vit():
 def test_triton_backend_prunes_like_torch(propagate):
     model = _tiny_vit().to(DEVICE)
     images = torch.randn(24, 3, 16, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    kwargs = dict(mlp_sparsity=0.5, attn_sparsity=0.5, propagate=propagate, batch_size=8, report_images=0)
+    # Damping pinned at 1e-2 (not the defaults): the tolerances below are for solves of that
+    # conditioning; a smaller damping amplifies the same ~1e-7 statistics differences further.
+    kwargs = dict(mlp_sparsity=0.5, attn_sparsity=0.5, propagate=propagate, batch_size=8, report_images=0,
+                  ridge=1e-2, attn_ridge=1e-2)
     ref = corp.prune(model, images, backend="torch", **kwargs)
     out = corp.prune(model, images, backend="triton", **kwargs)
     assert out.corp_report.settings["backend"].startswith("stats=triton"), out.corp_report.settings
