@@ -114,7 +114,9 @@ def gram_update_(gram: torch.Tensor, colsum: torch.Tensor, x: torch.Tensor, back
     if gram.shape != (d, d) or colsum.shape != (d,):
         raise ValueError(f"accumulator shapes {tuple(gram.shape)}, {tuple(colsum.shape)} do not match D={d}")
     x2 = x.reshape(-1, d).to(_chunk_dtype(x))
-    colsum += x2.sum(dim=0, dtype=torch.float64)
+    # chunk sums in the chunk's precision (torch sums pairwise), fp64 across chunks; asking
+    # sum() for an fp64 result directly cost 7x more (0.67 s of an 8.3 s deit_small run)
+    colsum += x2.sum(dim=0).to(torch.float64)
     for start in range(0, d, GRAM_TILE):
         stop = min(start + GRAM_TILE, d)
         # rows [start, stop) × columns [start, d): the tiles on or above the diagonal
@@ -165,7 +167,7 @@ def attention_stats_update_(
     k = x[:, 1].to(_chunk_dtype(qkv)).transpose(0, 1)
     gram_q += torch.bmm(q.transpose(1, 2), q).to(torch.float64)
     gram_k += torch.bmm(k.transpose(1, 2), k).to(torch.float64)
-    score += (q * q * k * k).sum(dim=1, dtype=torch.float64)
+    score += (q * q * k * k).sum(dim=1).to(torch.float64)
 
 
 def symmetrize_upper(gram: torch.Tensor) -> torch.Tensor:
@@ -200,8 +202,8 @@ class MLPStatistics:
             gram_update_(self.gram, self.colsum, h, self.backend)
         else:
             h2 = h.reshape(-1, h.shape[-1]).to(_chunk_dtype(h))
-            self.colsum += h2.sum(0, dtype=torch.float64)
-            self.sq_sum += (h2 * h2).sum(0, dtype=torch.float64)
+            self.colsum += h2.sum(0).to(torch.float64)
+            self.sq_sum += (h2 * h2).sum(0).to(torch.float64)
 
     def second_moment_diag(self) -> torch.Tensor:
         """``E[h_j²]`` per channel, ``(D_h,)`` float64."""

@@ -15,7 +15,7 @@ def test_gram_update_matches_fp64_over_chunks(d):
         gram_update_(gram, colsum, c)
     x = torch.cat(chunks).double()
     torch.testing.assert_close(symmetrize_upper(gram), x.T @ x, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(colsum, x.sum(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(colsum, x.sum(0), rtol=1e-5, atol=1e-4)  # fp32 within a chunk, like the Gram
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
