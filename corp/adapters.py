@@ -27,6 +27,7 @@ __all__ = [
     "build_architecture",
     "block_widths",
     "apply_block_widths",
+    "reshape_block",
 ]
 
 _MODEL_CLASSES = {"VisionTransformer": VisionTransformer, "VisionTransformerDistilled": VisionTransformerDistilled}
@@ -228,14 +229,25 @@ def apply_block_widths(model: VisionTransformer, widths: list[dict[str, int]]) -
     if len(widths) != len(model.blocks):
         raise ValueError(f"config lists {len(widths)} blocks, the architecture has {len(model.blocks)}")
     for block, w in zip(model.blocks, widths):
-        mlp = block.mlp
-        if w["mlp_hidden"] != mlp.fc1.out_features:
-            dim = mlp.fc1.in_features
-            mlp.fc1 = nn.Linear(dim, w["mlp_hidden"], bias=mlp.fc1.bias is not None)
-            mlp.fc2 = nn.Linear(w["mlp_hidden"], mlp.fc2.out_features, bias=mlp.fc2.bias is not None)
-        attn = block.attn
-        if w["qk_dim"] != attn.head_dim:
-            block.attn = pruned_attention_like(attn, w["qk_dim"])
+        reshape_block(block, w)
+
+
+def reshape_block(block: Block, widths: dict[str, int]) -> None:
+    """Give ``block`` MLP hidden width ``widths["mlp_hidden"]`` and q/k width ``widths["qk_dim"]``
+    (new modules, on the block's device and dtype, weights uninitialised)."""
+    mlp = block.mlp
+    ref = mlp.fc1.weight
+    dd = {"device": ref.device, "dtype": ref.dtype}
+    if widths["mlp_hidden"] != mlp.fc1.out_features:
+        dim = mlp.fc1.in_features
+        mlp.fc1 = nn.Linear(dim, widths["mlp_hidden"], bias=mlp.fc1.bias is not None, **dd)
+        mlp.fc2 = nn.Linear(widths["mlp_hidden"], mlp.fc2.out_features, bias=mlp.fc2.bias is not None, **dd)
+    attn = block.attn
+    current = attn.qk_dim if isinstance(attn, PrunedAttention) else attn.head_dim
+    if widths["qk_dim"] != current:
+        if isinstance(attn, PrunedAttention):
+            raise ValueError("cannot reshape an already pruned attention")
+        block.attn = pruned_attention_like(attn, widths["qk_dim"])
 
 
 def pruned_attention_like(attn: Attention, qk_dim: int) -> PrunedAttention:

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import time
-from typing import Iterator, Optional
+from dataclasses import asdict
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
 
 from . import __version__
 from .backends import BACKENDS, resolve_backends
-from .adapters import block_widths, check_images, check_supported, describe_architecture, embed
+from .adapters import block_widths, check_images, check_supported, describe_architecture, embed, reshape_block
 from .calibration import CalibrationInput, iter_calibration_batches
+from .checkpoint import Checkpoint, fingerprint_tensor
+from .distributed import DataParallel
+from .states import StateStore, choose_location
 from .compensate import kept_count, prune_attention, prune_mlp
 from .report import BlockReport, PruneReport, count_flops, count_parameters
 from .stats import AttentionStatistics, MLPStatistics
@@ -79,19 +84,24 @@ def _swapped(block: nn.Module, attn: Optional[nn.Module] = None, fc: Optional[tu
         block.mlp.fc1, block.mlp.fc2 = old_fc
 
 
-def _relative_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
-    """``‖outputs − reference‖ / ‖reference‖`` over all batches (norms per batch in the working dtype)."""
+def _relative_error(outputs: list[torch.Tensor], reference: list[torch.Tensor], dp: DataParallel) -> float:
+    """``‖outputs − reference‖ / ‖reference‖`` over all batches of all ranks."""
     num = sum(float(torch.linalg.vector_norm((o - r).float())) ** 2 for o, r in zip(outputs, reference))
     den = sum(float(torch.linalg.vector_norm(r.float())) ** 2 for r in reference)
+    num, den = dp.sum_float(num), dp.sum_float(den)
     return (num / max(den, 1e-300)) ** 0.5
 
 
-def _check_finite(tensors: list[torch.Tensor], where: str) -> None:
-    for t in tensors:
-        # a sum is non-finite iff an element is (or the activations overflow, just as bad);
-        # one reduction pass instead of isfinite's mask + all
-        if not torch.isfinite(t.sum()):
-            raise ValueError(f"non-finite activations (NaN or Inf) at {where}")
+def _is_finite(t: torch.Tensor) -> bool:
+    # a sum is non-finite iff an element is (or the activations overflow, just as bad):
+    # one reduction pass instead of isfinite's mask + all
+    return bool(torch.isfinite(t.sum()))
+
+
+def _check_finite(ok: bool, where: str, dp: DataParallel) -> None:
+    """Raise on every rank if any rank saw non-finite values (a lone raise would hang the others)."""
+    if dp.any(not ok):
+        raise ValueError(f"non-finite activations (NaN or Inf) at {where}")
 
 
 def _validate_args(mlp_sparsity: float, attn_sparsity: float, propagate: str, backend: str, ridge: float,
@@ -121,6 +131,25 @@ def _check_widths(model: nn.Module, mlp_sparsity: float, attn_sparsity: float) -
             raise ValueError(f"attn_sparsity={attn_sparsity} leaves no query/key dim of {head_dim} in block {i}")
 
 
+def _copy_except_blocks(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose blocks still share the original's tensors.
+
+    Each block is deep-copied only when it is pruned (:func:`prune`), so peak
+    memory is the input model plus the (smaller) pruned blocks, not two full models.
+    """
+    memo = {id(t): t for t in itertools.chain(model.blocks.parameters(), model.blocks.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _weights_fingerprint(model: nn.Module) -> str:
+    """A cheap hash of the dense weights (≤ 4096 strided samples per tensor) for checkpoint checks."""
+    parts = []
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        parts.append(f"{name}:{fingerprint_tensor(flat[:: max(1, flat.numel() // 4096)])}")
+    return fingerprint_tensor(torch.frombuffer(bytearray("|".join(parts).encode()), dtype=torch.uint8))
+
+
 @torch.no_grad()
 def prune(
     model: nn.Module,
@@ -137,8 +166,12 @@ def prune(
     device: Optional[torch.device | str] = None,
     dtype: Optional[torch.dtype] = None,
     backend: str = "auto",
+    states: str = "auto",
+    checkpoint_dir: Optional[str] = None,
+    distributed: Optional[bool] = None,
     report_images: int = 16,
     progress: bool = False,
+    callback: Optional[Callable[[int, BlockReport], None]] = None,
     inplace: bool = False,
 ) -> nn.Module:
     """Prune a timm VisionTransformer in one shot with CORP and return the smaller model.
@@ -148,7 +181,8 @@ def prune(
             untouched unless ``inplace=True``.
         calibration: unlabeled images: a tensor ``(N, C, H, W)`` preprocessed
             like the model's inputs, or an iterable / DataLoader yielding such
-            batches or ``(images, labels)`` tuples (labels ignored).
+            batches or ``(images, labels)`` tuples (labels ignored). Under
+            torch.distributed, each rank passes its own share.
         mlp_sparsity: fraction of MLP hidden channels removed in every block, in [0, 1).
         attn_sparsity: fraction of query/key dims removed in every head, in [0, 1).
         compensate: fold the closed-form compensation into the kept weights
@@ -158,16 +192,29 @@ def prune(
         ridge: MLP ridge damping relative to the mean diagonal of Σ_SS.
         attn_ridge: attention damping relative to mean(diag GQ_SS)·mean(diag GK_SS).
         batch_size: images per forward chunk (also the statistics chunk).
-        max_images: use at most this many calibration images.
-        device: where blocks run (default: the model's device). The returned
-            model lives where the input model lives.
+        max_images: use at most this many calibration images (per rank).
+        device: where blocks run (default: the model's device). Only the block
+            being pruned is there; the returned model lives where the input
+            model lives.
         dtype: dtype of the pruned model and of the calibration forward passes
             (default: the model's). Statistics and solves are fp64 regardless.
         backend: kernels for statistics and solves, one of :data:`corp.backends.BACKENDS`
             (``"auto"`` picks the fastest available for ``device``; ``"torch"`` is the reference).
-        report_images: number of calibration images on which per-block output
-            errors (with and without compensation) are measured; 0 skips them.
+        states: where the calibration hidden states live between blocks:
+            ``"device"``, ``"cpu"``, ``"disk"`` (memory-mapped files) or
+            ``"auto"`` (the device while they fit, else CPU memory, else disk).
+        checkpoint_dir: after each block, save what a restarted run needs here;
+            a run started again with the same arguments continues from the first
+            unfinished block and gives the same result. Mismatched arguments are
+            refused (ValueError).
+        distributed: sum the statistics over the ranks of the initialised
+            torch.distributed process group (default: whenever one with more
+            than one rank is initialised).
+        report_images: number of calibration images (per rank) on which per-block
+            output errors with and without compensation are measured; 0 skips them.
         progress: show a progress bar over blocks (tqdm).
+        callback: called as ``callback(block_index, block_report)`` after each
+            block is pruned (and checkpointed).
         inplace: prune ``model`` itself instead of a copy.
 
     Returns:
@@ -179,11 +226,13 @@ def prune(
     _validate_args(mlp_sparsity, attn_sparsity, propagate, backend, ridge, attn_ridge, batch_size)
     check_supported(model)
     _check_widths(model, mlp_sparsity, attn_sparsity)
+    dp = DataParallel(distributed)
     param = next(model.parameters())
     home_device = param.device
     device = torch.device(device) if device is not None else home_device
     dtype = dtype or param.dtype
     stats_backend, solve_backend = resolve_backends(backend, device)
+    choose_location(states, device, 0)  # validates the name before any work
 
     try:
         architecture = describe_architecture(model)
@@ -191,51 +240,87 @@ def prune(
         architecture = {"error": str(exc)}
     params_before, flops_before = count_parameters(model), count_flops(model)
     widths_before = block_widths(model)
+    settings = dict(
+        mlp_sparsity=mlp_sparsity, attn_sparsity=attn_sparsity, compensate=compensate, propagate=propagate,
+        ridge=ridge, attn_ridge=attn_ridge, backend=f"stats={stats_backend},solve={solve_backend}",
+        dtype=str(dtype).replace("torch.", ""),
+    )
 
-    work = model if inplace else copy.deepcopy(model)
+    batches = iter_calibration_batches(calibration, batch_size, max_images)
+    first = next(batches)  # raises on empty calibration before anything is copied
+    ckpt = None
+    if checkpoint_dir is not None:
+        fingerprint = dict(
+            settings, batch_size=batch_size, max_images=max_images, report_images=report_images,
+            world_size=dp.world_size, architecture=str(architecture), dense_blocks=widths_before,
+            weights=_weights_fingerprint(model), first_batch=fingerprint_tensor(first),
+        )
+        ckpt = Checkpoint(checkpoint_dir, fingerprint, rank=dp.rank)
+    saved = ckpt.load_progress() if ckpt is not None else None
+
+    work = model if inplace else _copy_except_blocks(model)
     was_training = work.training
     work.eval()
-    work.to(dtype=dtype)
-    # Only the stem moves to the compute device now; each block moves there while it is pruned.
+    # The stem moves to the compute device now; each block goes there only while it is pruned.
     for name, child in work.named_children():
         if name != "blocks":
-            child.to(device)
+            child.to(device=device, dtype=dtype)
     for p in work.parameters(recurse=False):  # cls/reg/dist tokens, position embedding
-        p.data = p.data.to(device)
-    states: list[torch.Tensor] = []
-    images = 0
-    for batch in iter_calibration_batches(calibration, batch_size, max_images):
-        check_images(work, batch)
-        states.append(embed(work, batch.to(device=device, dtype=dtype)))
-        images += batch.shape[0]
-    _check_finite(states, "the patch embedding output")
-    tokens = sum(s.shape[0] * s.shape[1] for s in states)
-    report_batches = _report_prefix(states, report_images)
+        p.data = p.data.to(device=device, dtype=dtype)
 
-    report = PruneReport(calibration_images=images, calibration_tokens=tokens)
+    report = PruneReport()
     blocks = work.blocks
-    iterator = range(len(blocks))
+    first_block = 0
+    if saved is None:
+        expected = _expected_images(calibration, first.shape[0], max_images)
+        store = _embed_all(work, itertools.chain([first], batches), expected, device, dtype, states, checkpoint_dir, dp)
+        images, tokens = dp.sum_int(store.images), dp.sum_int(store.tokens)
+    else:
+        first_block = saved["next_block"]
+        for j in range(first_block):
+            blocks[j] = _restore_block(blocks[j], ckpt.load_block(j), inplace)
+        restored = ckpt.load_states(first_block)
+        nbytes = sum(t.numel() * t.element_size() for t in restored)
+        store = StateStore(choose_location(states, device, nbytes), device, checkpoint_dir)
+        for t in restored:
+            store.append(t)
+        del restored
+        report.blocks = [BlockReport(**b) for b in saved["report_blocks"]]
+        images, tokens = saved["images"], saved["tokens"]
+    report.calibration_images, report.calibration_tokens = images, tokens
+    report_batches = _report_prefix(store, report_images)
+
+    iterator = range(first_block, len(blocks))
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, desc="corp: pruning blocks", unit="block")
+        iterator = tqdm(iterator, desc="corp: pruning blocks", unit="block", initial=first_block, total=len(blocks))
     for i in iterator:
-        block = blocks[i].to(device)
-        states, record = _prune_block(
-            block, i, states, report_batches, mlp_sparsity, attn_sparsity, compensate, propagate, ridge, attn_ridge,
-            stats_backend, solve_backend,
+        block = blocks[i] if inplace else copy.deepcopy(blocks[i])
+        block.to(device=device, dtype=dtype)
+        store, record = _prune_block(
+            block, i, store, report_batches, mlp_sparsity, attn_sparsity, compensate, propagate, ridge, attn_ridge,
+            stats_backend, solve_backend, dp,
         )
         blocks[i] = block.to(home_device)
         report.blocks.append(record)
+        if ckpt is not None:
+            ckpt.save_states(store.raw(), i + 1)
+            dp.barrier()  # every rank's states are on disk before progress moves on
+            if dp.rank == 0:
+                ckpt.save_block(i, block, block_widths_of(block))
+                ckpt.save_progress(i + 1, [asdict(b) for b in report.blocks], {"images": images, "tokens": tokens})
+            dp.barrier()
+            ckpt.drop_states_before(i + 1)
+        if callback is not None:
+            callback(i, record)
+    store.close()
     work.to(home_device)
     work.train(was_training)
 
     report.params_before, report.flops_before = params_before, flops_before
     report.params_after, report.flops_after = count_parameters(work), count_flops(work)
-    report.settings = dict(
-        mlp_sparsity=mlp_sparsity, attn_sparsity=attn_sparsity, compensate=compensate, propagate=propagate,
-        ridge=ridge, attn_ridge=attn_ridge, backend=f"stats={stats_backend},solve={solve_backend}", dtype=str(dtype).replace("torch.", ""),
-    )
+    report.settings = settings
     report.seconds = time.perf_counter() - start
     work.corp_report = report
     work.corp_config = {
@@ -243,27 +328,70 @@ def prune(
         "architecture": architecture,
         "dense_blocks": widths_before,
         "blocks": block_widths(work),
-        "pruning": dict(report.settings, calibration_images=images, calibration_tokens=tokens),
+        "pruning": dict(settings, calibration_images=images, calibration_tokens=tokens),
     }
     return work
 
 
-def _report_prefix(states: list[torch.Tensor], report_images: int) -> int:
+def block_widths_of(block: nn.Module) -> dict[str, int]:
+    attn = block.attn
+    return {"mlp_hidden": block.mlp.fc1.out_features, "qk_dim": getattr(attn, "qk_dim", attn.head_dim)}
+
+
+def _restore_block(block: nn.Module, saved: dict, inplace: bool) -> nn.Module:
+    """``block`` reshaped to a checkpointed pruned block's widths and loaded with its weights."""
+    block = block if inplace else copy.deepcopy(block)
+    reshape_block(block, saved["widths"])
+    block.load_state_dict(saved["state"])
+    return block
+
+
+def _expected_images(calibration, first_batch: int, max_images: Optional[int]) -> int:
+    """How many calibration images to expect: exact for tensors and datasets, else estimated."""
+    if torch.is_tensor(calibration):
+        n = calibration.shape[0]
+    elif hasattr(getattr(calibration, "dataset", None), "__len__"):
+        n = len(calibration.dataset)
+    elif hasattr(calibration, "__len__"):
+        n = len(calibration) * first_batch  # a sequence of batches
+    else:
+        n = first_batch  # a generator: nothing better is known
+    return min(n, max_images) if max_images is not None else n
+
+
+def _embed_all(work, batches, expected_images: int, device, dtype, states: str, spill_dir: Optional[str],
+               dp: DataParallel) -> StateStore:
+    """Embed every calibration batch once into a :class:`StateStore` (its location sized from the first batch)."""
+    store = None
+    finite = True
+    for batch in batches:
+        check_images(work, batch)
+        x = embed(work, batch.to(device=device, dtype=dtype))
+        finite = finite and _is_finite(x)
+        if store is None:
+            nbytes = x[0].numel() * x.element_size() * expected_images
+            store = StateStore(choose_location(states, device, nbytes), device, spill_dir)
+        store.append(x)
+    _check_finite(finite, "the patch embedding output", dp)
+    return store
+
+
+def _report_prefix(store: StateStore, report_images: int) -> int:
     """How many leading batches hold the first ``report_images`` images (whole batches)."""
     if report_images <= 0:
         return 0
     count = seen = 0
-    for s in states:
+    for t in store.raw():
         if seen >= report_images:
             break
-        count, seen = count + 1, seen + s.shape[0]
+        count, seen = count + 1, seen + t.shape[0]
     return count
 
 
 def _prune_block(
     block: nn.Module,
     index: int,
-    states: list[torch.Tensor],
+    states: StateStore,
     report_batches: int,
     mlp_sparsity: float,
     attn_sparsity: float,
@@ -273,7 +401,8 @@ def _prune_block(
     attn_ridge: float,
     stats_backend: str,
     solve_backend: str,
-) -> tuple[list[torch.Tensor], BlockReport]:
+    dp: DataParallel,
+) -> tuple[StateStore, BlockReport]:
     """Prune one block in place; return the next block's input states and the block's record."""
     attn, mlp = block.attn, block.mlp
     device = attn.qkv.weight.device
@@ -288,25 +417,41 @@ def _prune_block(
     attn_stats = AttentionStatistics(attn.num_heads, attn.head_dim, device, stats_backend) if prune_a else None
     mlp_stats = MLPStatistics(mlp.fc1.out_features, device, full=compensate, backend=stats_backend) if prune_m else None
     dense_fc = (mlp.fc1, mlp.fc2)
-    dense_out: Optional[list[torch.Tensor]] = None
+    next_states = states.spawn()
+    dense_ref: list[torch.Tensor] = []  # dense outputs of the report batches
+
+    def reduce_stats(stats) -> None:
+        if isinstance(stats, AttentionStatistics):
+            dp.sum_([stats.gram_q, stats.gram_k, stats.score])
+        else:
+            dp.sum_([stats.colsum, stats.gram if stats.full else stats.sq_sum])
+        stats.count = dp.sum_int(stats.count)
+        if not stats.all_finite():
+            raise ValueError(f"non-finite {'query/key' if isinstance(stats, AttentionStatistics) else 'MLP'} "
+                             f"statistics in block {index}")
 
     if propagate == "dense":
         # One dense forward gives both statistics and the next block's (dense) input.
+        finite = True
         with contextlib.ExitStack() as stack:
             if attn_stats is not None:
                 stack.enter_context(_hook(attn.qkv, attn_stats.update, stop=False))
             if mlp_stats is not None:
                 stack.enter_context(_hook(mlp.act, mlp_stats.update, stop=False))
-            dense_out = [block(x) for x in states]
-        _check_finite(dense_out, f"the output of block {index}")
+            for j, x in enumerate(states):
+                y = block(x)
+                finite = finite and _is_finite(y)
+                next_states.append(y)
+                if j < report_batches:
+                    dense_ref.append(y)
+        _check_finite(finite, f"the output of block {index}", dp)
     elif attn_stats is not None:
         with _hook(attn.qkv, attn_stats.update, stop=True):
             _run_until_hook(block, states)
 
     uncompensated_attn = uncompensated_fc = None
     if attn_stats is not None:
-        if not attn_stats.all_finite():
-            raise ValueError(f"non-finite query/key statistics in block {index}")
+        reduce_stats(attn_stats)
         result = prune_attention(attn, attn_stats, attn_sparsity, attn_ridge, compensate, solve_backend)
         block.attn = result.attn
         record.qk_dim_after = result.attn.qk_dim
@@ -320,8 +465,7 @@ def _prune_block(
             # Statistics of the MLP input after the (already pruned) attention.
             with _hook(mlp.act, mlp_stats.update, stop=True):
                 _run_until_hook(block, states)
-        if not mlp_stats.all_finite():
-            raise ValueError(f"non-finite MLP activations in block {index}")
+        reduce_stats(mlp_stats)
         result_m = prune_mlp(mlp, mlp_stats, mlp_sparsity, ridge, compensate, solve_backend)
         if compensate and report_batches:
             uncompensated_fc = (result_m.fc1, prune_mlp(mlp, mlp_stats, mlp_sparsity, ridge, False).fc2)
@@ -329,23 +473,31 @@ def _prune_block(
         record.mlp_hidden_after = result_m.fc1.out_features
         record.mlp_damping, record.mlp_relative_damping = result_m.damping, result_m.relative_damping
         del mlp_stats
+    # Every rank holds rank 0's pruned block, bit for bit.
+    dp.broadcast_module_(block)
 
-    pruned_out = [block(x) for x in states] if propagate == "pruned" else None
-    if pruned_out is not None:
-        _check_finite(pruned_out, f"the output of block {index}")
+    pruned_report: list[torch.Tensor] = []
+    if propagate == "pruned":
+        finite = True
+        for j, x in enumerate(states):
+            y = block(x)
+            finite = finite and _is_finite(y)
+            next_states.append(y)
+            if j < report_batches:
+                pruned_report.append(y)
+        _check_finite(finite, f"the output of block {index}", dp)
 
     if report_batches and (prune_a or prune_m):
-        inputs = states[:report_batches]
-        comp = pruned_out[:report_batches] if pruned_out is not None else [block(x) for x in inputs]
-        with _swapped(block, attn=attn, fc=dense_fc):
-            ref = dense_out[:report_batches] if dense_out is not None else [block(x) for x in inputs]
-        record.error_compensated = _relative_error(comp, ref)
+        inputs = [states[j] for j in range(report_batches)]
+        comp = pruned_report or [block(x) for x in inputs]
+        if not dense_ref:
+            with _swapped(block, attn=attn, fc=dense_fc):
+                dense_ref = [block(x) for x in inputs]
+        record.error_compensated = _relative_error(comp, dense_ref, dp)
         if compensate:
             with _swapped(block, attn=uncompensated_attn, fc=uncompensated_fc):
-                record.error_uncompensated = _relative_error([block(x) for x in inputs], ref)
+                record.error_uncompensated = _relative_error([block(x) for x in inputs], dense_ref, dp)
         else:
             record.error_uncompensated = record.error_compensated
-
-    next_states = dense_out if propagate == "dense" else pruned_out
+    states.close()
     return next_states, record
-
