@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--workers", type=int, default=2, help="data loading processes")
     p.add_argument("--seed", type=int, default=0, help="seed of the --calib-size subset")
+    p.add_argument("--states", choices=("auto", "device", "cpu", "disk"), default="auto",
+                   help="where calibration hidden states live between blocks")
+    p.add_argument("--checkpoint-dir", help="save progress after each block here; rerun to resume")
 
     e = sub.add_parser("eval", help="top-1/top-5 accuracy on a labelled ImageFolder")
     e.add_argument("--model", required=True, help="timm model name, or a directory written by corp")
@@ -89,17 +92,36 @@ def _progress(loader, desc: str):
     return tqdm(loader, desc=desc, unit="batch")
 
 
+def _init_distributed(device: torch.device) -> tuple[torch.device, int, int]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return device, 0, 1
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), dist.get_world_size()
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     import corp
     from .data import calibration_loader
 
     model = corp.load_model(args.model, checkpoint=args.checkpoint)
-    device = _device(args.device)
-    loader = calibration_loader(model, args.calib, args.calib_size, args.batch_size, args.workers, args.seed)
+    device, rank, world = _init_distributed(_device(args.device))
+    loader = calibration_loader(model, args.calib, args.calib_size, args.batch_size, args.workers, args.seed,
+                                shard=(rank, world))
     t = time.perf_counter()
     pruned = corp.prune(
         model,
-        _progress(loader, "corp: calibration images"),
+        _progress(loader, "corp: calibration images") if rank == 0 else loader,
         mlp_sparsity=args.mlp_sparsity,
         attn_sparsity=args.attn_sparsity,
         compensate=not args.no_compensate,
@@ -110,12 +132,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
         device=device,
         dtype=_DTYPES[args.dtype] if args.dtype else None,
         backend=args.backend,
-        progress=True,
+        states=args.states,
+        checkpoint_dir=args.checkpoint_dir,
+        progress=rank == 0,
     )
     seconds = time.perf_counter() - t
-    out = corp.save_pretrained(pruned, args.out)
-    print(pruned.corp_report)
-    print(f"pruned in {seconds:.1f}s; saved to {out}")
+    if rank == 0:  # every rank holds the same pruned model; one writes it
+        out = corp.save_pretrained(pruned, args.out)
+        print(pruned.corp_report)
+        print(f"pruned in {seconds:.1f}s on {world} process(es); saved to {out}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

@@ -48,9 +48,11 @@ class ImageFiles(Dataset):
     """Every image file under ``root`` (recursively, class folders or not), sorted; labels are not read.
 
     ``limit``: keep a deterministic random subset of this many files (``seed``).
+    ``shard``: ``(rank, world_size)``: keep every world_size-th file of that subset, from rank.
     """
 
-    def __init__(self, root: str | os.PathLike, transform, channels: int = 3, limit: Optional[int] = None, seed: int = 0):
+    def __init__(self, root: str | os.PathLike, transform, channels: int = 3, limit: Optional[int] = None,
+                 seed: int = 0, shard: tuple[int, int] = (0, 1)):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"calibration directory {root} does not exist")
@@ -59,6 +61,7 @@ class ImageFiles(Dataset):
             raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
         if limit is not None and limit < len(files):
             files = sorted(random.Random(seed).sample(files, limit))
+        files = files[shard[0] :: shard[1]]
         self.files, self.transform, self.channels = files, transform, channels
 
     def __len__(self) -> int:
@@ -69,10 +72,10 @@ class ImageFiles(Dataset):
 
 
 def calibration_loader(model: nn.Module, root: str, limit: Optional[int], batch_size: int, workers: int,
-                       seed: int = 0) -> DataLoader:
-    """Unlabeled calibration images under ``root`` as batches ``(B, C, H, W)``."""
+                       seed: int = 0, shard: tuple[int, int] = (0, 1)) -> DataLoader:
+    """Unlabeled calibration images under ``root`` as batches ``(B, C, H, W)`` (this rank's ``shard``)."""
     channels = data_config(model)["input_size"][0]
-    dataset = ImageFiles(root, image_transform(model), channels=channels, limit=limit, seed=seed)
+    dataset = ImageFiles(root, image_transform(model), channels=channels, limit=limit, seed=seed, shard=shard)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 

@@ -65,3 +65,26 @@ def test_bad_sparsity_is_rejected_by_the_parser():
                            "--mlp-sparsity", "1.5", "--out", "o"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "sparsity must be in [0, 1)" in proc.stderr
+
+
+def test_prune_under_torchrun_with_two_gloo_processes(folders):
+    """`torchrun --nproc_per_node 2 corp prune ...` equals a single-process run on the same images."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["--model", str(folders / "dense"), "--calib", str(folders / "data"), "--mlp-sparsity", "0.5",
+              "--attn-sparsity", "0.5", "--workers", "0", "--batch-size", "2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(port), "-m", "corp.cli", "prune", *common, "--out", str(folders / "ddp")],
+        capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 2 process(es)" in proc.stdout
+    assert main(["prune", *common, "--out", str(folders / "single")]) == 0
+    ddp, single = corp.load_pretrained(folders / "ddp"), corp.load_pretrained(folders / "single")
+    assert ddp.corp_config["pruning"]["calibration_images"] == 10
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(ddp.state_dict()[k], v, rtol=1e-4, atol=1e-5)
