@@ -3,6 +3,7 @@ __version__ = "0.1.0"
 
 from .engine import DEFAULT_ATTN_RIDGE, DEFAULT_MLP_RIDGE, prune  # noqa: E402
 from .io import load_model, load_pretrained, save_pretrained  # noqa: E402
+from .lazy import meta_model  # noqa: E402
 from .modules import PrunedAttention  # noqa: E402
 from .report import BlockReport, PruneReport  # noqa: E402
 
@@ -11,6 +12,7 @@ __all__ = [
     "save_pretrained",
     "load_pretrained",
     "load_model",
+    "meta_model",
     "PrunedAttention",
     "PruneReport",
     "BlockReport",

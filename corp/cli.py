@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model with unlabeled calibration images and save it")
     p.add_argument("--model", required=True, help="timm model name, or a directory written by corp")
     p.add_argument("--checkpoint", help="local weights file for a timm model name (no hub download)")
+    p.add_argument("--lazy", action="store_true",
+                   help="with a .safetensors --checkpoint: read each block's weights only when it is pruned")
     p.add_argument("--calib", required=True, help="directory of calibration images (ImageFolder or flat)")
     p.add_argument("--calib-size", type=_positive_int, default=None, help="use this many images (random, --seed)")
     p.add_argument("--mlp-sparsity", type=_fraction, default=0.0)
@@ -114,7 +116,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import corp
     from .data import calibration_loader
 
-    model = corp.load_model(args.model, checkpoint=args.checkpoint)
+    weights = None
+    if args.lazy:
+        if not (args.checkpoint and args.checkpoint.endswith(".safetensors")):
+            raise ValueError("--lazy needs --checkpoint FILE.safetensors holding the model's state_dict")
+        model, weights = corp.meta_model(args.model), args.checkpoint
+    else:
+        model = corp.load_model(args.model, checkpoint=args.checkpoint)
     device, rank, world = _init_distributed(_device(args.device))
     loader = calibration_loader(model, args.calib, args.calib_size, args.batch_size, args.workers, args.seed,
                                 shard=(rank, world))
@@ -134,6 +142,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         backend=args.backend,
         states=args.states,
         checkpoint_dir=args.checkpoint_dir,
+        weights=weights,
         progress=rank == 0,
     )
     seconds = time.perf_counter() - t

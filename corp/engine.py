@@ -23,6 +23,7 @@ from .adapters import block_widths, check_images, check_supported, describe_arch
 from .calibration import CalibrationInput, iter_calibration_batches
 from .checkpoint import Checkpoint, fingerprint_tensor
 from .distributed import DataParallel
+from .lazy import LazyWeights
 from .states import StateStore, choose_location
 from .compensate import kept_count, prune_attention, prune_mlp
 from .report import BlockReport, PruneReport, count_flops, count_parameters
@@ -172,6 +173,7 @@ def prune(
     report_images: int = 16,
     progress: bool = False,
     callback: Optional[Callable[[int, BlockReport], None]] = None,
+    weights: Optional[str] = None,
     inplace: bool = False,
 ) -> nn.Module:
     """Prune a timm VisionTransformer in one shot with CORP and return the smaller model.
@@ -215,6 +217,10 @@ def prune(
         progress: show a progress bar over blocks (tqdm).
         callback: called as ``callback(block_index, block_report)`` after each
             block is pruned (and checkpointed).
+        weights: a safetensors file with the model's ``state_dict()`` tensors,
+            for a ``model`` built on the meta device (:func:`corp.meta_model`):
+            the stem is read first and each block only when it is pruned, so the
+            dense model never sits in memory whole. The result lives on the CPU.
         inplace: prune ``model`` itself instead of a copy.
 
     Returns:
@@ -228,7 +234,10 @@ def prune(
     _check_widths(model, mlp_sparsity, attn_sparsity)
     dp = DataParallel(distributed)
     param = next(model.parameters())
-    home_device = param.device
+    lazy = LazyWeights(weights) if weights is not None else None
+    if lazy is None and param.device.type == "meta":
+        raise ValueError("the model's weights are on the meta device: pass weights=<safetensors file> to read them")
+    home_device = torch.device("cpu") if lazy is not None else param.device
     device = torch.device(device) if device is not None else home_device
     dtype = dtype or param.dtype
     stats_backend, solve_backend = resolve_backends(backend, device)
@@ -253,7 +262,8 @@ def prune(
         fingerprint = dict(
             settings, batch_size=batch_size, max_images=max_images, report_images=report_images,
             world_size=dp.world_size, architecture=str(architecture), dense_blocks=widths_before,
-            weights=_weights_fingerprint(model), first_batch=fingerprint_tensor(first),
+            weights=lazy.fingerprint() if lazy is not None else _weights_fingerprint(model),
+            first_batch=fingerprint_tensor(first),
         )
         ckpt = Checkpoint(checkpoint_dir, fingerprint, rank=dp.rank)
     saved = ckpt.load_progress() if ckpt is not None else None
@@ -261,6 +271,8 @@ def prune(
     work = model if inplace else _copy_except_blocks(model)
     was_training = work.training
     work.eval()
+    if lazy is not None:
+        lazy.materialize_(work, skip="blocks.")
     # The stem moves to the compute device now; each block goes there only while it is pruned.
     for name, child in work.named_children():
         if name != "blocks":
@@ -278,7 +290,7 @@ def prune(
     else:
         first_block = saved["next_block"]
         for j in range(first_block):
-            blocks[j] = _restore_block(blocks[j], ckpt.load_block(j), inplace)
+            blocks[j] = _restore_block(blocks[j], ckpt.load_block(j), inplace or lazy is not None)
         restored = ckpt.load_states(first_block)
         nbytes = sum(t.numel() * t.element_size() for t in restored)
         store = StateStore(choose_location(states, device, nbytes), device, checkpoint_dir)
@@ -297,6 +309,8 @@ def prune(
         iterator = tqdm(iterator, desc="corp: pruning blocks", unit="block", initial=first_block, total=len(blocks))
     for i in iterator:
         block = blocks[i] if inplace else copy.deepcopy(blocks[i])
+        if lazy is not None:
+            lazy.materialize_(block, prefix=f"blocks.{i}.")
         block.to(device=device, dtype=dtype)
         store, record = _prune_block(
             block, i, store, report_batches, mlp_sparsity, attn_sparsity, compensate, propagate, ridge, attn_ridge,
@@ -339,8 +353,10 @@ def block_widths_of(block: nn.Module) -> dict[str, int]:
 
 
 def _restore_block(block: nn.Module, saved: dict, inplace: bool) -> nn.Module:
-    """``block`` reshaped to a checkpointed pruned block's widths and loaded with its weights."""
+    """``block`` reshaped to a checkpointed pruned block's widths and loaded with its weights (on the CPU)."""
     block = block if inplace else copy.deepcopy(block)
+    if any(t.is_meta for t in block.state_dict().values()):
+        block.to_empty(device="cpu")
     reshape_block(block, saved["widths"])
     block.load_state_dict(saved["state"])
     return block

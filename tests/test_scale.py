@@ -126,3 +126,23 @@ def test_resume_with_other_arguments_is_refused(tmp_path):
         corp.prune(tiny_vit(), _images(seed=5), checkpoint_dir=ckpt, **KW)
     with pytest.raises(ValueError, match="different arguments.*weights"):
         corp.prune(tiny_vit(seed=3), _images(), checkpoint_dir=ckpt, **KW)
+
+
+def test_lazy_weights_from_safetensors_equal_the_in_memory_model(tmp_path):
+    from safetensors.torch import save_file
+
+    model = tiny_vit(depth=3)
+    path = str(tmp_path / "w.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    with torch.device("meta"):
+        skeleton = tiny_vit(depth=3)
+    lazy = corp.prune(skeleton, _images(), weights=path, **KW)
+    ref = corp.prune(model, _images(), **KW)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(lazy.state_dict()[k], v), k
+    assert all(p.device.type == "meta" for p in skeleton.parameters())  # the skeleton stays a skeleton
+    with pytest.raises(ValueError, match="meta device"):
+        corp.prune(skeleton, _images(), **KW)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if "blocks.2.mlp" not in k}, path)
+    with pytest.raises(ValueError, match="no tensor 'blocks.2.mlp.fc1.weight'"):
+        corp.prune(skeleton, _images(), weights=path, **KW)
