@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--states", choices=("auto", "device", "cpu", "disk"), default="auto",
                    help="where calibration hidden states live between blocks")
     p.add_argument("--checkpoint-dir", help="save progress after each block here; rerun to resume")
+    p.add_argument("--report", action="store_true", help="also write report.json and report.png into --out")
 
     e = sub.add_parser("eval", help="top-1/top-5 accuracy on a labelled ImageFolder")
     e.add_argument("--model", required=True, help="timm model name, or a directory written by corp")
@@ -148,6 +149,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t
     if rank == 0:  # every rank holds the same pruned model; one writes it
         out = corp.save_pretrained(pruned, args.out)
+        if args.report:
+            pruned.corp_report.save_json(out / "report.json")
+            pruned.corp_report.plot(out / "report.png")
         print(pruned.corp_report)
         print(f"pruned in {seconds:.1f}s on {world} process(es); saved to {out}")
     if world > 1:

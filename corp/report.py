@@ -1,7 +1,10 @@
 """What a pruning run did: per-block widths, damping and errors; parameters and FLOPs."""
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch.nn as nn
@@ -43,6 +46,54 @@ class PruneReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def save_json(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_dict` as JSON (atomically)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        os.replace(tmp, path)
+        return path
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        """Draw per-block output errors (with and without compensation) and kept widths as a PNG."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            import matplotlib.ticker
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("plotting the report needs matplotlib: pip install 'corp-prune[plot]'") from exc
+        idx = [b.index for b in self.blocks]
+        fig, (ax_err, ax_w) = plt.subplots(2, 1, figsize=(max(6, 0.35 * len(idx) + 3), 6), sharex=True)
+        comp = [b.error_compensated for b in self.blocks]
+        plain = [b.error_uncompensated for b in self.blocks]
+        if any(v is not None for v in comp):
+            ax_err.plot(idx, [v if v is not None else float("nan") for v in plain], "o-", label="uncompensated")
+            ax_err.plot(idx, [v if v is not None else float("nan") for v in comp], "o-", label="CORP")
+            ax_err.set_yscale("log")
+            ax_err.legend()
+        ax_err.set_ylabel("block output error\n‖y − y_dense‖ / ‖y_dense‖")
+        ax_err.grid(alpha=0.3)
+        ax_w.plot(idx, [b.mlp_hidden_after / b.mlp_hidden_before for b in self.blocks], "s-", label="MLP channels kept")
+        ax_w.plot(idx, [b.qk_dim_after / b.qk_dim_before for b in self.blocks], "^-", label="q/k dims kept")
+        ax_w.set_ylim(0, 1.05)
+        ax_w.set_ylabel("fraction kept")
+        ax_w.set_xlabel("block")
+        ax_w.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax_w.legend()
+        ax_w.grid(alpha=0.3)
+        s = self.settings
+        fig.suptitle(f"corp: {s.get('mlp_sparsity', 0):.0%} MLP, {s.get('attn_sparsity', 0):.0%} attention, "
+                     f"params {self.params_after / max(self.params_before, 1):.0%} of dense")
+        fig.tight_layout()
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        os.replace(tmp, path)
+        return path
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PruneReport":

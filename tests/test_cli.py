@@ -32,12 +32,15 @@ def test_prune_then_eval(folders, capsys):
     out = folders / "pruned"
     rc = main(["prune", "--model", str(folders / "dense"), "--calib", str(folders / "data"), "--calib-size", "8",
                "--mlp-sparsity", "0.5", "--attn-sparsity", "0.5", "--out", str(out), "--workers", "0",
-               "--batch-size", "3"])
+               "--batch-size", "3", "--report"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "saved to" in printed and "params" in printed
     pruned = corp.load_pretrained(out)
     assert pruned.blocks[0].mlp.fc1.out_features == 72
+    saved_report = corp.PruneReport.from_dict(json.loads((out / "report.json").read_text()))
+    assert [b.mlp_hidden_after for b in saved_report.blocks] == [72, 72]
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert pruned.corp_config["pruning"]["calibration_images"] == 8
 
     # the CLI prunes exactly what the API prunes on the same preprocessed images
