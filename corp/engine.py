@@ -290,7 +290,7 @@ def prune(
     else:
         first_block = saved["next_block"]
         for j in range(first_block):
-            blocks[j] = _restore_block(blocks[j], ckpt.load_block(j), inplace or lazy is not None)
+            blocks[j] = _restore_block(blocks[j], ckpt.load_block(j), inplace)
         restored = ckpt.load_states(first_block)
         nbytes = sum(t.numel() * t.element_size() for t in restored)
         store = StateStore(choose_location(states, device, nbytes), device, checkpoint_dir)
