@@ -404,6 +404,20 @@ def _report_prefix(store: StateStore, report_images: int) -> int:
     return count
 
 
+def _propagate(block: nn.Module, states: StateStore, out: StateStore, keep: int, index: int,
+               dp: DataParallel) -> list[torch.Tensor]:
+    """Run ``block`` over every batch of ``states`` into ``out``; return the first ``keep`` outputs."""
+    finite, kept = True, []
+    for j, x in enumerate(states):
+        y = block(x)
+        finite = finite and _is_finite(y)
+        out.append(y)
+        if j < keep:
+            kept.append(y)
+    _check_finite(finite, f"the output of block {index}", dp)
+    return kept
+
+
 def _prune_block(
     block: nn.Module,
     index: int,
@@ -448,19 +462,12 @@ def _prune_block(
 
     if propagate == "dense":
         # One dense forward gives both statistics and the next block's (dense) input.
-        finite = True
         with contextlib.ExitStack() as stack:
             if attn_stats is not None:
                 stack.enter_context(_hook(attn.qkv, attn_stats.update, stop=False))
             if mlp_stats is not None:
                 stack.enter_context(_hook(mlp.act, mlp_stats.update, stop=False))
-            for j, x in enumerate(states):
-                y = block(x)
-                finite = finite and _is_finite(y)
-                next_states.append(y)
-                if j < report_batches:
-                    dense_ref.append(y)
-        _check_finite(finite, f"the output of block {index}", dp)
+            dense_ref = _propagate(block, states, next_states, report_batches, index, dp)
     elif attn_stats is not None:
         with _hook(attn.qkv, attn_stats.update, stop=True):
             _run_until_hook(block, states)
@@ -494,14 +501,7 @@ def _prune_block(
 
     pruned_report: list[torch.Tensor] = []
     if propagate == "pruned":
-        finite = True
-        for j, x in enumerate(states):
-            y = block(x)
-            finite = finite and _is_finite(y)
-            next_states.append(y)
-            if j < report_batches:
-                pruned_report.append(y)
-        _check_finite(finite, f"the output of block {index}", dp)
+        pruned_report = _propagate(block, states, next_states, report_batches, index, dp)
 
     if report_batches and (prune_a or prune_m):
         inputs = [states[j] for j in range(report_batches)]
