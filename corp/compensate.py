@@ -70,6 +70,7 @@ class PrunedMLPResult:
     kept: torch.Tensor
     damping: float  # absolute λ used (0 without compensation)
     relative_damping: float  # λ / mean(diag Σ_SS)
+    plain_fc2: nn.Linear  # fc2 with the same kept channels and no compensation (for error reports)
 
 
 def mlp_compensation(
@@ -82,8 +83,8 @@ def mlp_compensation(
 
     Returns ``B`` ``(|P|, |S|)``, ``c`` ``(|P|,)`` and the λ finally used.
     """
-    cov_ss = cov[kept][:, kept]
-    cov_sp = cov[kept][:, pruned]
+    cov_ss = cov[kept[:, None], kept]  # one gather each: no |S| × D_h intermediate
+    cov_sp = cov[kept[:, None], pruned]
     scale = torch.diagonal(cov_ss).mean().clamp_min(torch.finfo(cov.dtype).tiny)
     sol = ridge_solve(cov_ss[None], cov_sp[None], (ridge * scale)[None], backend=backend)
     if not bool(sol.ok[0]):
@@ -116,13 +117,14 @@ def prune_mlp(
         mean, cov = stats.mean_and_covariance()
         mean, cov = mean.to(dev), cov.to(dev)
         coef, intercept, damping = mlp_compensation(mean, cov, kept, pruned, ridge, backend)
-        rel = damping / float(torch.diagonal(cov[kept][:, kept]).mean().clamp_min(1e-300))
+        rel = damping / float(torch.diagonal(cov)[kept].mean().clamp_min(1e-300))
         new_w2 = new_w2 + w2[:, pruned] @ coef
         shift = w2[:, pruned] @ intercept
         new_b2 = shift if b2 is None else b2 + shift
     new_fc1 = _linear(fc1.weight[kept], fc1.bias[kept] if fc1.bias is not None else None, like=fc1)
     new_fc2 = _linear(new_w2, new_b2, like=fc2)
-    return PrunedMLPResult(new_fc1, new_fc2, kept, damping, rel)
+    plain_fc2 = _linear(w2[:, kept], b2, like=fc2) if compensate else new_fc2
+    return PrunedMLPResult(new_fc1, new_fc2, kept, damping, rel, plain_fc2)
 
 
 @dataclass

@@ -491,7 +491,7 @@ def _prune_block(
         reduce_stats(mlp_stats)
         result_m = prune_mlp(mlp, mlp_stats, mlp_sparsity, ridge, compensate, solve_backend)
         if compensate and report_batches:
-            uncompensated_fc = (result_m.fc1, prune_mlp(mlp, mlp_stats, mlp_sparsity, ridge, False).fc2)
+            uncompensated_fc = (result_m.fc1, result_m.plain_fc2)
         mlp.fc1, mlp.fc2 = result_m.fc1, result_m.fc2
         record.mlp_hidden_after = result_m.fc1.out_features
         record.mlp_damping, record.mlp_relative_damping = result_m.damping, result_m.relative_damping
