@@ -17,26 +17,11 @@ import time
 import pytest
 import torch
 
-from corp.kernels import triton_available
 from corp.stats import gram_update_
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-pytestmark = pytest.mark.skipif(
-    not triton_available() or (not CUDA and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="needs triton, and CUDA or TRITON_INTERPRET=1",
-)
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+from triton_common import CUDA, DEVICE, DTYPES, _untuned_unless_asked, gpu, needs_triton  # noqa: F401
 
-
-@pytest.fixture(autouse=True)
-def _untuned_unless_asked(request, monkeypatch):
-    """On a GPU, run the fixed default configuration: tuning compiles and times every
-    configuration for every new odd shape of these tests, which takes minutes. The
-    autotuning test (and the benchmarks) use the tuner."""
-    if "autotun" not in request.node.name:
-        monkeypatch.setenv("CORP_TRITON_AUTOTUNE", "0")
+pytestmark = needs_triton
 REL_FLOOR = 1e-6
 
 
