@@ -1,0 +1,214 @@
+"""The softmax-aware logit fits of corp.logit_fit against independent references:
+fp64 brute-force statistics, explicit least squares over token pairs, invariance to
+per-image key shifts, and the softmax error they are meant to reduce."""
+import math
+
+import pytest
+import torch
+
+from corp.compensate import attention_compensation, select_qk_dims
+from corp.logit_fit import (
+    PerImageLogitSystem,
+    centred_attention_compensation,
+    centred_key_gram,
+    key_outer_update_,
+    logit_damping_scale,
+)
+from corp.stats import attention_stats_update_
+
+F64 = torch.float64
+
+
+def _qkv(q, k):
+    """Pack q, k ``(B, H, T, d)`` into a qkv tensor ``(B, T, 3·H·d)`` (v = zeros)."""
+    b, h, t, d = q.shape
+    parts = [x.transpose(1, 2).reshape(b, t, h * d) for x in (q, k, torch.zeros_like(q))]
+    return torch.cat(parts, dim=-1)
+
+
+def _pooled_stats(qkv, h, d, chunks=(slice(None),)):
+    gq = torch.zeros(h, d, d, dtype=F64)
+    gk = torch.zeros_like(gq)
+    score = torch.zeros(h, d, dtype=F64)
+    outer = torch.zeros_like(gq)
+    for c in chunks:
+        attention_stats_update_(gq, gk, score, qkv[c], h, d)
+        key_outer_update_(outer, qkv[c], h, d)
+    return gq, gk, score, outer
+
+
+def _fits(qkv, h, d, kept, pruned, ridge):
+    """The paper's, the centred and the per-image M from the qkv tensor, through the public API."""
+    gq, gk, _, outer = _pooled_stats(qkv, h, d, chunks=[slice(0, 1), slice(1, None)])
+    gk_c = centred_key_gram(gk, outer)
+    m_paper, _ = attention_compensation(gq, gk, kept, pruned, ridge)
+    m_cent, lam_c = centred_attention_compensation(gq, gk_c, kept, pruned, ridge)
+    system = PerImageLogitSystem(kept, pruned, h, d, "cpu")
+    system.update(qkv[:1]), system.update(qkv[1:])
+    scale = logit_damping_scale(gq, gk_c, kept)
+    m_img, lam_i = system.solve(ridge, scale)
+    return m_paper, m_cent, m_img, lam_c, lam_i
+
+
+def _design(q_s, k_s, q_p, k_p, pairs):
+    """Rows vec(q_S,i k_S,jᵀ) (row-major, matching M.reshape(-1)) and targets q_P,iᵀk_P,j."""
+    i, j = pairs
+    feats = (q_s[i][:, :, None] * k_s[j][:, None, :]).reshape(len(i), -1)
+    return feats, (q_p[i] * k_p[j]).sum(-1)
+
+
+def _lstsq(feats, target, lam):
+    n = feats.shape[1]
+    if lam > 0:  # λ‖M‖² as augmented rows sqrt(λ)·I with zero targets
+        feats = torch.cat([feats, math.sqrt(lam) * torch.eye(n, dtype=F64)])
+        target = torch.cat([target, torch.zeros(n, dtype=F64)])
+    return torch.linalg.lstsq(feats, target[:, None], driver="gelsd").solution[:, 0]
+
+
+def test_key_outer_update_over_chunks_matches_brute_force():
+    torch.manual_seed(0)
+    b, t, h, d = 7, 9, 3, 5
+    qkv = torch.randn(b, t, 3 * h * d, dtype=torch.float32) * 2 + 0.5
+    outer = torch.zeros(h, d, d, dtype=F64)
+    for c in (slice(0, 2), slice(2, 3), slice(3, 7)):
+        key_outer_update_(outer, qkv[c], h, d)
+    k = qkv.double().reshape(b, t, 3, h, d)[:, :, 1]  # (B, T, H, d)
+    ref = torch.zeros(h, d, d, dtype=F64)
+    for bi in range(b):
+        for hi in range(h):
+            s_b = k[bi, :, hi].sum(0)
+            ref[hi] += torch.outer(s_b, s_b) / t
+    assert torch.allclose(outer, ref, rtol=1e-5, atol=1e-6 * ref.abs().max())
+
+    # GK − key_outer is the Gram of explicitly per-image-centred keys
+    gq = torch.zeros(h, d, d, dtype=F64)
+    gk, score = torch.zeros_like(gq), torch.zeros(h, d, dtype=F64)
+    attention_stats_update_(gq, gk, score, qkv.double(), h, d)
+    outer64 = torch.zeros_like(gq)
+    key_outer_update_(outer64, qkv.double(), h, d)
+    kc = k - k.mean(dim=1, keepdim=True)
+    ref_c = torch.einsum("bthi,bthj->hij", kc, kc)
+    got = centred_key_gram(gk, outer64)
+    assert torch.allclose(got, ref_c, rtol=1e-10, atol=1e-10 * ref_c.abs().max())
+    assert not torch.allclose(gk, ref_c, rtol=1e-3)  # the centring does something here
+
+
+@pytest.mark.parametrize("ridge", [0.0, 0.05])
+def test_fits_match_brute_force_least_squares(ridge):
+    """H=2, d=6, s=3, B=3 images of T=5 tokens, random fp64 q, k (with per-image offsets)."""
+    torch.manual_seed(1)
+    h, d, s, b, t = 2, 6, 3, 3, 5
+    q = torch.randn(b, h, t, d, dtype=F64) + 0.3
+    k = torch.randn(b, h, t, d, dtype=F64) + torch.randn(b, h, 1, d, dtype=F64)
+    qkv = _qkv(q, k)
+    kept = torch.tensor([[0, 2, 5], [1, 3, 4]])
+    pruned = torch.tensor([[1, 3, 4], [0, 2, 5]])
+    m_paper, m_cent, m_img, lam_c, lam_i = _fits(qkv, h, d, kept, pruned, ridge)
+    assert torch.allclose(lam_c, lam_i)  # same λ scale
+
+    kc = k - k.mean(dim=2, keepdim=True)  # per-image-centred keys
+    idx = torch.arange(b * t)
+    image = idx // t
+    all_pairs = torch.cartesian_prod(idx, idx).T
+    same = image[all_pairs[0]] == image[all_pairs[1]]
+    within = all_pairs[:, same]
+    assert within.shape[1] == b * t * t
+    for hi in range(h):
+        qh = q[:, hi].reshape(b * t, d)
+        kh = kc[:, hi].reshape(b * t, d)
+        q_s, q_p, k_s, k_p = qh[:, kept[hi]], qh[:, pruned[hi]], kh[:, kept[hi]], kh[:, pruned[hi]]
+        lam = float(lam_c[hi]) if ridge > 0 else 0.0
+        feats, target = _design(q_s, k_s, q_p, k_p, all_pairs)
+        ref_cent = _lstsq(feats, target, lam).reshape(s, s)
+        feats, target = _design(q_s, k_s, q_p, k_p, within)
+        ref_img = _lstsq(feats, target, lam).reshape(s, s)
+        assert torch.allclose(m_cent[hi], ref_cent, rtol=1e-7, atol=1e-9), (m_cent[hi], ref_cent)
+        assert torch.allclose(m_img[hi], ref_img, rtol=1e-7, atol=1e-9), (m_img[hi], ref_img)
+        assert (ref_cent - ref_img).abs().max() > 1e-3  # the two objectives differ on this data
+
+
+def test_per_image_key_shift_leaves_both_fits_unchanged():
+    torch.manual_seed(2)
+    h, d, b, t = 2, 8, 4, 6
+    q = torch.randn(b, h, t, d, dtype=F64) + 0.5
+    k = torch.randn(b, h, t, d, dtype=F64)
+    shifted = k + 2.0 * torch.randn(b, h, 1, d, dtype=F64)  # k_j += c_b for every key of image b
+    _, _, score, _ = _pooled_stats(_qkv(q, k), h, d)
+    kept, pruned = select_qk_dims(score, 5)
+    before = _fits(_qkv(q, k), h, d, kept, pruned, 1e-3)
+    after = _fits(_qkv(q, shifted), h, d, kept, pruned, 1e-3)
+    m_paper, m_cent, m_img = before[:3]
+    m_paper2, m_cent2, m_img2 = after[:3]
+    assert torch.allclose(m_cent, m_cent2, rtol=1e-8, atol=1e-10)
+    assert torch.allclose(m_img, m_img2, rtol=1e-8, atol=1e-10)
+    assert (m_paper - m_paper2).abs().max() > 1e-2 * m_paper.abs().max()  # the paper's fit moves
+
+
+def _logits(q, k, kept, pruned, m=None):
+    """Per-head, per-image logits ``(B, H, T, T)`` / sqrt(d): dense, or q_Sᵀ(I+M)k_S."""
+    d = q.shape[-1]
+    if m is None:
+        return q @ k.transpose(-1, -2) / math.sqrt(d)
+    h = q.shape[1]
+    idx = kept[None, :, None, :].expand(q.shape[0], h, q.shape[2], -1)
+    q_s, k_s = torch.gather(q, 3, idx), torch.gather(k, 3, idx)
+    a = torch.eye(kept.shape[1], dtype=F64) + m
+    return q_s @ (k_s @ a.transpose(-1, -2)).transpose(-1, -2) / math.sqrt(d)
+
+
+def _row_centred_residual(q, k, kept, pruned, m):
+    err = _logits(q, k, kept, pruned) - _logits(q, k, kept, pruned, m)
+    return float(((err - err.mean(-1, keepdim=True)) ** 2).sum())
+
+
+def _correlated_qk(b, h, t, d, rank, shared):
+    """q, k driven by a rank-``rank`` latent per token (so the pruned dims are predictable from
+    the kept ones), plus a per-image key component of size ``shared`` (zero for none)."""
+    mix_q = torch.randn(h, rank, d, dtype=F64)
+    mix_k = torch.randn(h, rank, d, dtype=F64)
+    z = torch.randn(b, 1, t, rank, dtype=F64)
+    q = z @ mix_q + 0.3 * torch.randn(b, h, t, d, dtype=F64) + 0.5
+    k = z @ mix_k + 0.3 * torch.randn(b, h, t, d, dtype=F64)
+    k = k + shared * torch.randn(b, h, 1, d, dtype=F64)
+    return q, k
+
+
+def test_per_image_fit_is_optimal_for_the_softmax_residual():
+    torch.manual_seed(3)
+    h, d, b, t = 3, 8, 6, 10
+    q, k = _correlated_qk(b, h, t, d, rank=5, shared=1.0)
+    qkv = _qkv(q, k)
+    _, _, score, _ = _pooled_stats(qkv, h, d)
+    kept, pruned = select_qk_dims(score, 4)
+    m_paper, m_cent, m_img, _, _ = _fits(qkv, h, d, kept, pruned, 0.0)
+    r_paper = _row_centred_residual(q, k, kept, pruned, m_paper)
+    r_cent = _row_centred_residual(q, k, kept, pruned, m_cent)
+    r_img = _row_centred_residual(q, k, kept, pruned, m_img)
+    r_none = _row_centred_residual(q, k, kept, pruned, torch.zeros_like(m_img))
+    assert r_img <= r_paper * (1 + 1e-9) and r_img <= r_cent * (1 + 1e-9)
+    assert r_img < r_none
+    # strictly better here: not a degenerate case where all fits coincide
+    assert r_img < 0.999 * r_paper and r_img < 0.999 * r_cent
+
+
+def test_softmax_is_closer_with_large_per_image_key_component():
+    """Case: keys = low-rank token signal + a per-image shared vector 4× larger (per head),
+    queries with a nonzero mean. The shared part only shifts each query's logit row, which
+    softmax ignores, but it dominates the uncentred key Gram the paper's fit is built from."""
+    torch.manual_seed(4)
+    h, d, b, t = 3, 8, 8, 12
+    q, k = _correlated_qk(b, h, t, d, rank=5, shared=4.0)
+    qkv = _qkv(q, k)
+    _, _, score, _ = _pooled_stats(qkv, h, d)
+    kept, pruned = select_qk_dims(score, 4)
+    m_paper, m_cent, m_img, _, _ = _fits(qkv, h, d, kept, pruned, 1e-4)
+    dense = torch.log_softmax(_logits(q, k, kept, pruned), -1)
+
+    def kl(m):
+        approx = torch.log_softmax(_logits(q, k, kept, pruned, m), -1)
+        return float((dense.exp() * (dense - approx)).sum(-1).mean())
+
+    kl_paper, kl_cent, kl_img = kl(m_paper), kl(m_cent), kl(m_img)
+    kl_none = kl(torch.zeros_like(m_img))
+    assert kl_img < kl_paper and kl_cent < kl_paper, (kl_none, kl_paper, kl_cent, kl_img)
+    assert kl_img < kl_none
