@@ -108,7 +108,9 @@ def ridge_solve(
     floor = (torch.diagonal(matrix, dim1=-2, dim2=-1).abs().mean(-1) * 1e-12).clamp_min(torch.finfo(matrix.dtype).tiny)
     for attempt in range(MAX_DAMPING_RETRIES + 1):
         factor, info = torch.linalg.cholesky_ex(matrix[todo] + damping[todo, None, None] * eye)
-        good = info == 0
+        # cuSOLVER's potrf reports success (info 0) on a matrix holding NaN (seen on an H200,
+        # torch 2.11): a factor with a non-finite entry is a failed factor too.
+        good = (info == 0) & torch.isfinite(factor).flatten(1).all(1)
         if good.any():
             idx = todo[good]
             solution[idx] = torch.cholesky_solve(rhs[idx], factor[good])

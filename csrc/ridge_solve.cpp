@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <limits>
@@ -48,15 +49,38 @@ namespace {
 using at::Tensor;
 using Result = std::tuple<Tensor, Tensor, Tensor>;
 
+// Numbers in error messages are formatted with snprintf, never streamed: on a
+// GPU machine whose compiler (/opt/gcc) differs from the one torch was built
+// with, streaming an integer or a double into TORCH_CHECK's message from this
+// library crashed the process (SIGSEGV, H200 run 2026-11-26) while messages
+// streaming only strings and c10 types raised cleanly.
+std::string fmt_int(int64_t v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%lld", static_cast<long long>(v));
+  return buf;
+}
+
+std::string fmt_double(double v) {
+  char buf[48];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+
+std::string fmt_sizes(const Tensor& t) {
+  std::string out = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) out += (i ? ", " : "") + fmt_int(t.size(i));
+  return out + "]";
+}
+
 void check_inputs(const Tensor& matrix, const Tensor& rhs, const Tensor& damping, int64_t max_retries,
                   double growth) {
   TORCH_CHECK(matrix.dim() == 3 && matrix.size(1) == matrix.size(2),
-              "corp::ridge_solve: matrix must be (b, n, n), got ", matrix.sizes());
+              "corp::ridge_solve: matrix must be (b, n, n), got ", fmt_sizes(matrix));
   const int64_t b = matrix.size(0), n = matrix.size(1);
-  TORCH_CHECK(rhs.dim() == 3 && rhs.size(0) == b && rhs.size(1) == n, "corp::ridge_solve: rhs must be (", b,
-              ", ", n, ", m), got ", rhs.sizes());
-  TORCH_CHECK(damping.dim() == 1 && damping.size(0) == b, "corp::ridge_solve: damping must be (", b, ",), got ",
-              damping.sizes());
+  TORCH_CHECK(rhs.dim() == 3 && rhs.size(0) == b && rhs.size(1) == n, "corp::ridge_solve: rhs must be (",
+              fmt_int(b), ", ", fmt_int(n), ", m), got ", fmt_sizes(rhs));
+  TORCH_CHECK(damping.dim() == 1 && damping.size(0) == b, "corp::ridge_solve: damping must be (", fmt_int(b),
+              ",), got ", fmt_sizes(damping));
   TORCH_CHECK(matrix.scalar_type() == at::kFloat || matrix.scalar_type() == at::kDouble,
               "corp::ridge_solve: matrix must be float32 or float64, got ", matrix.scalar_type());
   TORCH_CHECK(rhs.scalar_type() == matrix.scalar_type() && damping.scalar_type() == matrix.scalar_type(),
@@ -65,9 +89,9 @@ void check_inputs(const Tensor& matrix, const Tensor& rhs, const Tensor& damping
   TORCH_CHECK(rhs.device() == matrix.device() && damping.device() == matrix.device(),
               "corp::ridge_solve: matrix, rhs and damping must be on the same device, got ", matrix.device(), ", ",
               rhs.device(), ", ", damping.device());
-  TORCH_CHECK(max_retries >= 0, "corp::ridge_solve: max_retries must be >= 0, got ", max_retries);
+  TORCH_CHECK(max_retries >= 0, "corp::ridge_solve: max_retries must be >= 0, got ", fmt_int(max_retries));
   TORCH_CHECK(std::isfinite(growth) && growth > 1.0, "corp::ridge_solve: growth must be finite and > 1, got ",
-              growth);
+              fmt_double(growth));
 }
 
 // The ATen path (LAPACK on CPU, cuSOLVER/cuBLAS on CUDA), same rule as the
@@ -93,7 +117,9 @@ Result ridge_solve_aten(const Tensor& matrix, const Tensor& rhs, const Tensor& d
     Tensor shifted = all ? matrix.clone(at::MemoryFormat::Contiguous) : matrix.index_select(0, todo);
     shifted.diagonal(0, -2, -1).add_((all ? lam : lam.index_select(0, todo)).unsqueeze(-1));
     auto [factor, info] = at::linalg_cholesky_ex(shifted, /*upper=*/false, /*check_errors=*/false);
-    const Tensor good = info.eq(0);
+    // cuSOLVER's potrf reports info 0 for a matrix holding NaN (H200, torch 2.11): a factor
+    // with a non-finite entry failed too.
+    const Tensor good = info.eq(0).logical_and(at::isfinite(factor).flatten(1).all(1));
     const Tensor good_pos = good.nonzero().squeeze(1);
     if (good_pos.numel() > 0) {
       const bool all_good = good_pos.size(0) == todo.size(0);

@@ -53,8 +53,11 @@ def test_compiled_backend_prunes_like_torch(propagate, device):
     assert sd_ref.keys() == sd_out.keys()
     for name, w in sd_ref.items():
         assert sd_out[name].shape == w.shape, name  # same kept channels / dims
-        # Same statistics; the solves differ only in round-off (fp64), the weights are fp32.
-        torch.testing.assert_close(sd_out[name], w, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        # Same statistics; the solves differ only in round-off (fp64), the weights are fp32. On CUDA
+        # (H200, 2026-11-26) the fc2 weights of two runs differed by up to 1.6e-7 absolute (weights of
+        # order 1), beyond the CPU's 1e-7: allow 1e-6 there.
+        atol = 1e-7 if device == "cpu" else 1e-6
+        torch.testing.assert_close(sd_out[name], w, rtol=1e-6, atol=atol, msg=lambda m: f"{name}: {m}")
     for block_ref, block_out in zip(ref.corp_report.blocks, out.corp_report.blocks):
         assert block_out.mlp_damping == pytest.approx(block_ref.mlp_damping, rel=1e-12)
         assert block_out.attn_damping == pytest.approx(block_ref.attn_damping, rel=1e-12)

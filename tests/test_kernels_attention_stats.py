@@ -184,3 +184,23 @@ def test_gpu_autotuning_does_not_corrupt_the_accumulators(monkeypatch):
     _triton()(*out, qkv, h, d)
     for name, o, r in zip(("gram_q", "gram_k", "score"), out, fp64_reference(qkv, h, d)):
         torch.testing.assert_close(o, 1 + r, rtol=1e-5, atol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_tf32_operands_are_rounded_to_nearest():
+    """input_precision="tf32": the Grams are those of the TF32-rounded q and k (round to nearest, as
+    cuBLAS does; tensor-core truncation biased the H200's Gram diagonals by ~1e-3), the score uses
+    the unrounded values."""
+    from test_kernels_gram import _round_via_float
+
+    gen = torch.Generator().manual_seed(5)
+    h, d, n = 2, 12, 200
+    qkv = (torch.randn(n, 3 * h * d, generator=gen) * 0.5 + 0.8).to(DEVICE)
+    out = _zeros(h, d)
+    _triton()(*out, qkv, h, d, input_precision="tf32")
+    x = _round_via_float(qkv.cpu()).double().view(n, 3, h, d)
+    q, k = x[:, 0].transpose(0, 1), x[:, 1].transpose(0, 1)
+    exact = qkv.cpu().double().view(n, 3, h, d)
+    score = (exact[:, 0] * exact[:, 1]).square().sum(0)
+    for got, want in ((out[0], q.mT @ q), (out[1], k.mT @ k)):
+        assert ((got.cpu() - want).abs().max() / want.abs().max()).item() < 2e-6
+    torch.testing.assert_close(out[2].cpu(), score, rtol=2e-6, atol=1e-6)

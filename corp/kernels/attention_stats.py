@@ -37,6 +37,8 @@ from .gram import (
 if triton is not None:
     import triton.language as tl
 
+    from .gram import _round_to_tf32
+
 __all__ = ["attention_stats_update_triton_", "choose_attention_split"]
 
 # Fewest tokens per program when splitting (each program ends with 2·d² + d fp64 adds).
@@ -54,7 +56,7 @@ if triton is not None:
         sq_h, sq_r, sq_c, sk_h, sk_r, sk_c, ss_h, ss_c,
         BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
         IS_3D: tl.constexpr, UPCAST: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, ATOMIC: tl.constexpr, ROUND_TF32: tl.constexpr,
     ):
         head = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -87,11 +89,14 @@ if triton is not None:
             if UPCAST:  # the interpreter's 16-bit dot is wrong: upcast there (only there)
                 q = q.to(tl.float32)
                 kk = kk.to(tl.float32)
-            acc_q = tl.dot(tl.trans(q), q, acc_q, input_precision=INPUT_PRECISION)
-            acc_k = tl.dot(tl.trans(kk), kk, acc_k, input_precision=INPUT_PRECISION)
-            qf = q.to(tl.float32)
+            qf = q.to(tl.float32)  # the score from the inputs as they are (before any TF32 rounding)
             kf = kk.to(tl.float32)
             acc_s += tl.sum(qf * qf * kf * kf, axis=0)
+            if ROUND_TF32:  # see corp.kernels.gram._round_to_tf32
+                q = _round_to_tf32(q)
+                kk = _round_to_tf32(kk)
+            acc_q = tl.dot(tl.trans(q), q, acc_q, input_precision=INPUT_PRECISION)
+            acc_k = tl.dot(tl.trans(kk), kk, acc_k, input_precision=INPUT_PRECISION)
 
         r = dims.to(tl.int64)
         mm = dim_ok[:, None] & dim_ok[None, :]
@@ -191,7 +196,8 @@ def attention_stats_update_triton_(
                 s.stride(0), s.stride(1))
 
     meta = dict(BLOCK_D=block_d, IS_3D=is_3d, UPCAST=_INTERPRETED and qkv.dtype != torch.float32,
-                INPUT_PRECISION=precision, ATOMIC=split > 1)
+                INPUT_PRECISION=precision, ATOMIC=split > 1,
+                ROUND_TF32=precision == "tf32" and qkv.dtype == torch.float32)
     grid = (h, split)
     if _INTERPRETED:
         cfg = {"BLOCK_K": INTERPRETER_BLOCK_K, **(config or {})}
