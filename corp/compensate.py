@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -25,6 +26,8 @@ __all__ = [
     "mlp_compensation",
     "prune_mlp",
     "attention_compensation",
+    "mlp_error_correcting_fold",
+    "attention_error_correcting_solve",
     "prune_attention",
     "PrunedMLPResult",
     "PrunedAttentionResult",
@@ -95,25 +98,34 @@ def mlp_compensation(
 
 
 def prune_mlp(
-    mlp: Mlp, stats: MLPStatistics, sparsity: float, ridge: float, compensate: bool, backend: str = "torch"
+    mlp: Mlp, stats: MLPStatistics, sparsity: float, ridge: float, compensate: bool, backend: str = "torch",
+    *, selected: Optional[tuple[torch.Tensor, torch.Tensor]] = None, fold: Optional[Callable] = None,
 ) -> PrunedMLPResult:
     """New fc1/fc2 for ``mlp`` with a fraction ``sparsity`` of hidden channels removed.
 
     fc1 loses rows; with compensation, ``W2' = W2[:, S] + W2[:, P] B`` and
     ``b2' = b2 + W2[:, P] c``.
+
+    ``selected``: ``(kept, pruned)`` channel indices chosen elsewhere (default:
+    :func:`select_mlp_channels`). ``fold``: ``fold(kept, pruned) -> (W2' (out, |S|),
+    b2' (out,) or None, λ, λ relative)`` in fp64, replacing the paper's fold (used by the
+    error-correcting fit, :func:`mlp_error_correcting_fold`).
     """
     fc1, fc2 = mlp.fc1, mlp.fc2
     width = fc1.out_features
     keep = kept_count(width, sparsity)
-    kept, pruned = select_mlp_channels(mlp, stats.second_moment_diag(), keep)
+    if selected is None:
+        selected = select_mlp_channels(mlp, stats.second_moment_diag(), keep)
     dev = fc1.weight.device
-    kept, pruned = kept.to(dev), pruned.to(dev)
+    kept, pruned = selected[0].to(dev), selected[1].to(dev)
     w2 = fc2.weight.detach().to(torch.float64)
     b2 = fc2.bias.detach().to(torch.float64) if fc2.bias is not None else None
     new_w2 = w2[:, kept]
     new_b2 = b2
     damping = rel = 0.0
-    if compensate and pruned.numel():
+    if compensate and pruned.numel() and fold is not None:
+        new_w2, new_b2, damping, rel = fold(kept, pruned)
+    elif compensate and pruned.numel():
         mean, cov = stats.mean_and_covariance()
         mean, cov = mean.to(dev), cov.to(dev)
         coef, intercept, damping = mlp_compensation(mean, cov, kept, pruned, ridge, backend)
@@ -164,19 +176,26 @@ def attention_compensation(
 
 def prune_attention(
     attn: Attention, stats: AttentionStatistics, sparsity: float, ridge: float, compensate: bool,
-    backend: str = "torch",
+    backend: str = "torch", *, selected: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    solve: Optional[Callable] = None,
 ) -> PrunedAttentionResult:
     """A :class:`PrunedAttention` with a fraction ``sparsity`` of q/k dims removed in every head.
 
     Folds ``A = I + M``: ``W_K' = A W_K[S]``, ``b_K' = A b_K[S]``,
     ``W_Q' = W_Q[S] · r``, ``b_Q' = b_Q[S] · r`` with ``r = sqrt(|S| / d)``, so
     ``q'ᵀk' / sqrt(|S|) = q_Sᵀ A k_S / sqrt(d)``.
+
+    ``selected``: per-head ``(kept (H, s), pruned (H, d−s))`` chosen elsewhere (default:
+    :func:`select_qk_dims`). ``solve``: ``solve(kept, pruned) -> (M (H, s, s), λ (H,))``
+    replacing the paper's pooled fit (:func:`attention_compensation`), e.g. the
+    softmax-aware fits of :mod:`corp.logit_fit` or the error-correcting fit.
     """
     h, d = attn.num_heads, attn.head_dim
     keep = kept_count(d, sparsity)
     dev = attn.qkv.weight.device
-    kept, pruned = select_qk_dims(stats.score, keep)
-    kept, pruned = kept.to(dev), pruned.to(dev)
+    if selected is None:
+        selected = select_qk_dims(stats.score, keep)
+    kept, pruned = selected[0].to(dev), selected[1].to(dev)
 
     w = attn.qkv.weight.detach().to(torch.float64).view(3, h, d, -1)
     b = attn.qkv.bias.detach().to(torch.float64).view(3, h, d) if attn.qkv.bias is not None else None
@@ -187,7 +206,11 @@ def prune_attention(
 
     damping = torch.zeros(h, dtype=torch.float64)
     if compensate and pruned.numel():
-        m, damping = attention_compensation(stats.gram_q.to(dev), stats.gram_k.to(dev), kept, pruned, ridge, backend)
+        if solve is not None:
+            m, damping = solve(kept, pruned)
+        else:
+            m, damping = attention_compensation(stats.gram_q.to(dev), stats.gram_k.to(dev), kept, pruned, ridge,
+                                                backend)
         a = torch.eye(keep, dtype=torch.float64, device=dev) + m
         w_k = a @ w_k
         if b_k is not None:
@@ -204,6 +227,90 @@ def prune_attention(
         new.proj.load_state_dict(attn.proj.state_dict())
     new.train(attn.training)
     return PrunedAttentionResult(new, kept, float(damping.mean()), ridge if compensate and pruned.numel() else 0.0)
+
+
+def mlp_error_correcting_fold(
+    w2: torch.Tensor, b2: Optional[torch.Tensor], mean_dense: torch.Tensor, mean_pruned: torch.Tensor,
+    cov_pruned: torch.Tensor, cross_cov: torch.Tensor, kept: torch.Tensor, ridge: float, backend: str = "torch",
+) -> tuple[torch.Tensor, Optional[torch.Tensor], float, float]:
+    """Error-correcting MLP fold: fit the DENSE fc2 output from the pruned stream's kept channels.
+
+    The dense block sees hidden activations ``h`` (dense stream), the pruned block
+    ``ĥ`` (inputs already disturbed by earlier pruning). Model every dense channel as
+    affine in the kept pruned ones, ``h ≈ C ĥ_S + c``, by ridge regression that
+    shrinks the kept channels' coefficients towards the identity:
+
+        C = [Cov(h, ĥ)[:, S] + λ E_S] (Σ̂_SS + λI)⁻¹,   c = μ_h − C μ̂_S
+
+    (``E_S``: the columns S of the identity), and fold ``W2' = W2 C``,
+    ``b2' = b2 + W2 c``. With identical streams (``ĥ = h``) the rows S of C are
+    the identity and rows P are the paper's B: this is the paper's fold exactly.
+
+    Args:
+        w2: ``(out, D)`` fc2 weight; ``b2``: ``(out,)`` or None (fp64).
+        mean_dense: ``(D,)`` μ_h; ``mean_pruned``: ``(D,)`` μ̂.
+        cov_pruned: ``(D, D)`` Σ̂ = Cov(ĥ); ``cross_cov``: ``(D, D)`` Cov(h, ĥ) (rows dense).
+        kept: ``(|S|,)`` kept channel indices; ``ridge``: λ relative to mean(diag Σ̂_SS).
+
+    Returns:
+        ``W2'`` ``(out, |S|)``, ``b2'`` ``(out,)``, λ, and λ relative to mean(diag Σ̂_SS).
+    """
+    cov_ss = cov_pruned[kept[:, None], kept]
+    scale = torch.diagonal(cov_ss).mean().clamp_min(torch.finfo(cov_ss.dtype).tiny)
+    lam = ridge * scale
+    target = cross_cov[:, kept].clone()  # (D, |S|)
+    target[kept, torch.arange(kept.numel(), device=kept.device)] += lam
+    # (Σ̂_SS + λI) Cᵀ = targetᵀ
+    sol = ridge_solve(cov_ss[None], target.T.contiguous()[None], lam[None], backend=backend)
+    if not bool(sol.ok[0]):
+        raise FloatingPointError("error-correcting MLP system could not be factored even with increased damping")
+    used = float(sol.damping[0])
+    if used != float(lam):  # the solver raised the damping: keep the identity shrinkage consistent
+        target[kept, torch.arange(kept.numel(), device=kept.device)] += used - float(lam)
+        sol = ridge_solve(cov_ss[None], target.T.contiguous()[None], torch.tensor([used], dtype=lam.dtype,
+                                                                                   device=lam.device), backend=backend)
+    coef = sol.solution[0].T  # (D, |S|)
+    shift = mean_dense - coef @ mean_pruned[kept]
+    new_w2 = w2 @ coef
+    new_b2 = w2 @ shift if b2 is None else b2 + w2 @ shift
+    return new_w2, new_b2, used, used / float(scale)
+
+
+def attention_error_correcting_solve(
+    gram_q: torch.Tensor, gram_k: torch.Tensor, cross_q: torch.Tensor, cross_k: torch.Tensor,
+    kept: torch.Tensor, pruned: torch.Tensor, ridge: float, backend: str = "torch",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Error-correcting logit fit: ``q̂_Sᵀ (I + M) k̂_S`` (pruned stream) fitted to the dense ``qᵀk``.
+
+    Pooled least squares over all pairs, ``min Σ_ij (q_iᵀk_j − q̂_S,iᵀ(I+M)k̂_S,j)² + λ‖M‖²``:
+
+        GQ̂_SS M GK̂_SS + λM = XQ[S, :] · XK[:, S] − GQ̂_SS GK̂_SS
+
+    with ``XQ = Σ q̂ qᵀ`` and ``XK = Σ k k̂ᵀ`` (per head, pruned × dense and dense ×
+    pruned). With identical streams the right side is ``GQ_SP GK_PS``: the paper's fit.
+
+    Args:
+        gram_q, gram_k: ``(H, d, d)`` Grams of the pruned stream's q̂, k̂ (keys may be
+            centred per image, see :mod:`corp.logit_fit`, then ``cross_k`` must be too).
+        cross_q: ``(H, d, d)`` ``Σ q̂ qᵀ``; cross_k: ``(H, d, d)`` ``Σ k k̂ᵀ``.
+        kept, pruned: ``(H, s)``, ``(H, d − s)``.
+
+    Returns:
+        ``M`` ``(H, s, s)`` and ``λ`` ``(H,)``.
+    """
+    q_ss, k_ss = _sub(gram_q, kept, kept), _sub(gram_k, kept, kept)
+    rows_q = torch.gather(cross_q, 1, kept[:, :, None].expand(-1, -1, cross_q.shape[2]))  # (H, s, d)
+    cols_k = torch.gather(cross_k, 2, kept[:, None, :].expand(-1, cross_k.shape[1], -1))  # (H, d, s)
+    rhs = rows_q @ cols_k - q_ss @ k_ss
+    scale = torch.diagonal(q_ss, dim1=1, dim2=2).mean(1) * torch.diagonal(k_ss, dim1=1, dim2=2).mean(1)
+    damping = (ridge * scale).clamp_min(torch.finfo(scale.dtype).tiny)
+    return sylvester_solve(q_ss, k_ss, rhs, damping, backend=backend), damping
+
+
+def _sub(g: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``g[h][rows[h]][:, cols[h]]`` for every head h: ``(H, |rows|, |cols|)``."""
+    return torch.gather(torch.gather(g, 1, rows[:, :, None].expand(-1, -1, g.shape[2])), 2,
+                        cols[:, None, :].expand(-1, rows.shape[1], -1))
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:

@@ -11,8 +11,8 @@ import contextlib
 import copy
 import itertools
 import time
-from dataclasses import asdict
-from typing import Callable, Iterator, Optional
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -25,11 +25,22 @@ from .checkpoint import Checkpoint, fingerprint_tensor
 from .distributed import DataParallel
 from .lazy import LazyWeights
 from .states import StateStore, choose_location
-from .compensate import kept_count, prune_attention, prune_mlp
+from .compensate import (
+    attention_error_correcting_solve,
+    kept_count,
+    mlp_error_correcting_fold,
+    prune_attention,
+    prune_mlp,
+    select_mlp_channels,
+    select_qk_dims,
+)
+from .logit_fit import PerImageLogitSystem, centred_attention_compensation, centred_key_gram, key_outer_update_
+from .selection import select_mlp_channels_by_residual, select_qk_dims_by_residual
+from .allocation import allocate_model
 from .report import BlockReport, PruneReport, count_flops, count_parameters
 from .stats import AttentionStatistics, MLPStatistics
 
-__all__ = ["prune", "DEFAULT_MLP_RIDGE", "DEFAULT_ATTN_RIDGE"]
+__all__ = ["prune", "DEFAULT_MLP_RIDGE", "DEFAULT_ATTN_RIDGE", "METHODS"]
 
 # Ridge dampings, relative to mean(diag Σ_SS) for the MLP and to
 # mean(diag GQ_SS)·mean(diag GK_SS) for attention. Chosen by
@@ -42,6 +53,22 @@ DEFAULT_MLP_RIDGE = 1e-3
 DEFAULT_ATTN_RIDGE = 1e-3
 
 PROPAGATE_MODES = ("dense", "pruned")
+TARGETS = ("local", "dense")
+LOGIT_FITS = ("pooled", "centred", "per_image")
+SELECTIONS = ("energy", "residual")
+BUDGET_METRICS = ("params", "flops")
+
+# What each method means when an option is left at None. "paper" is the paper's
+# method exactly (CORP.md); "corp" is this project's default, chosen by
+# benchmarks/accuracy_ablation.py (README, "Beyond the paper").
+METHODS = {
+    "paper": dict(propagate="dense", target="local", logit_fit="pooled", selection="energy"),
+    "corp": dict(propagate="dense", target="local", logit_fit="pooled", selection="energy"),
+}
+# Sparsities at which a budgeted run measures each block's compensated error (allocation grid).
+BUDGET_GRID = tuple(i / 16 for i in range(16))
+
+Sparsity = Union[float, Sequence[float]]
 
 
 class _StopForward(Exception):
@@ -105,15 +132,42 @@ def _check_finite(ok: bool, where: str, dp: DataParallel) -> None:
         raise ValueError(f"non-finite activations (NaN or Inf) at {where}")
 
 
-def _validate_args(mlp_sparsity: float, attn_sparsity: float, propagate: str, backend: str, ridge: float,
-                   attn_ridge: float, batch_size: int) -> None:
-    for name, value in (("mlp_sparsity", mlp_sparsity), ("attn_sparsity", attn_sparsity)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number in [0, 1), got {value!r}")
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value}")
-    if propagate not in PROPAGATE_MODES:
-        raise ValueError(f"propagate must be one of {PROPAGATE_MODES}, got {propagate!r}")
+def _per_block(name: str, value: Sparsity, depth: int) -> list[float]:
+    """A sparsity for every block from one number or a sequence of ``depth`` numbers, each in [0, 1)."""
+    values = [value] * depth if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise TypeError(f"{name} must be a number in [0, 1) or a sequence of them, got {value!r}")
+    values = list(values)
+    if len(values) != depth:
+        raise ValueError(f"{name} has {len(values)} entries for a model of {depth} blocks")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name} must be a number in [0, 1) or a sequence of them, got {v!r}")
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {v}")
+    return [float(v) for v in values]
+
+
+def _resolve_options(method: str, propagate, target, logit_fit, selection) -> dict:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+    chosen = dict(METHODS[method])
+    for name, value, allowed in (("propagate", propagate, PROPAGATE_MODES), ("target", target, TARGETS),
+                                 ("logit_fit", logit_fit, LOGIT_FITS), ("selection", selection, SELECTIONS)):
+        if value is not None:
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+            chosen[name] = value
+    if chosen["target"] == "dense" and chosen["propagate"] != "pruned":
+        if target is not None:  # asked for explicitly: say what it needs
+            raise ValueError("target='dense' (error-correcting fits) needs propagate='pruned'")
+        chosen["target"] = "local"  # a method default that does not apply to dense propagation
+    if chosen["target"] == "dense" and chosen["logit_fit"] == "per_image":
+        raise ValueError("logit_fit='per_image' cannot be combined with target='dense'; use 'centred' or 'pooled'")
+    return chosen
+
+
+def _validate_args(backend: str, ridge: float, attn_ridge: float, batch_size: int) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     for name, value in (("ridge", ridge), ("attn_ridge", attn_ridge)):
@@ -123,13 +177,13 @@ def _validate_args(mlp_sparsity: float, attn_sparsity: float, propagate: str, ba
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
-def _check_widths(model: nn.Module, mlp_sparsity: float, attn_sparsity: float) -> None:
+def _check_widths(model: nn.Module, mlp_sparsity: list[float], attn_sparsity: list[float]) -> None:
     for i, block in enumerate(model.blocks):
         hidden, head_dim = block.mlp.fc1.out_features, block.attn.head_dim
-        if kept_count(hidden, mlp_sparsity) < 1:
-            raise ValueError(f"mlp_sparsity={mlp_sparsity} leaves no MLP channel of {hidden} in block {i}")
-        if kept_count(head_dim, attn_sparsity) < 1:
-            raise ValueError(f"attn_sparsity={attn_sparsity} leaves no query/key dim of {head_dim} in block {i}")
+        if kept_count(hidden, mlp_sparsity[i]) < 1:
+            raise ValueError(f"mlp_sparsity={mlp_sparsity[i]} leaves no MLP channel of {hidden} in block {i}")
+        if kept_count(head_dim, attn_sparsity[i]) < 1:
+            raise ValueError(f"attn_sparsity={attn_sparsity[i]} leaves no query/key dim of {head_dim} in block {i}")
 
 
 def _copy_except_blocks(model: nn.Module) -> nn.Module:
@@ -156,10 +210,16 @@ def prune(
     model: nn.Module,
     calibration: CalibrationInput,
     *,
-    mlp_sparsity: float = 0.0,
-    attn_sparsity: float = 0.0,
+    mlp_sparsity: Sparsity = 0.0,
+    attn_sparsity: Sparsity = 0.0,
     compensate: bool = True,
-    propagate: str = "dense",
+    method: str = "corp",
+    propagate: Optional[str] = None,
+    target: Optional[str] = None,
+    logit_fit: Optional[str] = None,
+    selection: Optional[str] = None,
+    budget: Optional[float] = None,
+    budget_metric: str = "params",
     ridge: float = DEFAULT_MLP_RIDGE,
     attn_ridge: float = DEFAULT_ATTN_RIDGE,
     batch_size: int = 32,
@@ -185,12 +245,32 @@ def prune(
             like the model's inputs, or an iterable / DataLoader yielding such
             batches or ``(images, labels)`` tuples (labels ignored). Under
             torch.distributed, each rank passes its own share.
-        mlp_sparsity: fraction of MLP hidden channels removed in every block, in [0, 1).
-        attn_sparsity: fraction of query/key dims removed in every head, in [0, 1).
+        mlp_sparsity: fraction of MLP hidden channels removed, in [0, 1): one number
+            for every block, or a sequence with one per block.
+        attn_sparsity: fraction of query/key dims removed in every head, in [0, 1):
+            one number, or one per block.
         compensate: fold the closed-form compensation into the kept weights
             (False: plain structured pruning with the same selection).
+        method: ``"paper"`` (the paper's method exactly) or ``"corp"`` (this
+            project's defaults, :data:`METHODS`); the options below override it.
         propagate: ``"dense"`` (paper: statistics from the unpruned model) or
             ``"pruned"`` (statistics from the outputs of the already-pruned blocks).
+        target: ``"local"`` (paper: each block's pruned output fitted to the dense
+            block on the same input) or ``"dense"`` (error-correcting, needs
+            ``propagate="pruned"``: the pruned block on the pruned stream is fitted
+            to the dense block's output on the dense stream, so it also undoes the
+            error of earlier blocks; a second stream of hidden states is kept).
+        logit_fit: attention fit: ``"pooled"`` (paper: all token pairs),
+            ``"centred"`` (keys centred per image, what softmax sees; one pass) or
+            ``"per_image"`` (exact within-image objective; a second pass over the
+            qkv projection), see :mod:`corp.logit_fit`.
+        selection: ``"energy"`` (paper: E[h²]·weight norms; Σq²k²) or
+            ``"residual"`` (what the compensation cannot recover, :mod:`corp.selection`).
+        budget: remove this fraction of the model's parameters (or FLOPs, see
+            ``budget_metric``) with per-block sparsities allocated by each block's
+            measured compensated error (:mod:`corp.allocation`); a first pass
+            measures the errors. ``mlp_sparsity``/``attn_sparsity`` must then be left at 0.
+        budget_metric: ``"params"`` or ``"flops"``.
         ridge: MLP ridge damping relative to the mean diagonal of Σ_SS.
         attn_ridge: attention damping relative to mean(diag GQ_SS)·mean(diag GK_SS).
         batch_size: images per forward chunk (also the statistics chunk).
@@ -229,9 +309,22 @@ def prune(
         (what :func:`corp.save_pretrained` writes).
     """
     start = time.perf_counter()
-    _validate_args(mlp_sparsity, attn_sparsity, propagate, backend, ridge, attn_ridge, batch_size)
+    _validate_args(backend, ridge, attn_ridge, batch_size)
+    chosen = _resolve_options(method, propagate, target, logit_fit, selection)
     check_supported(model)
+    depth = len(model.blocks)
+    mlp_sparsity = _per_block("mlp_sparsity", mlp_sparsity, depth)
+    attn_sparsity = _per_block("attn_sparsity", attn_sparsity, depth)
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget < 1.0:
+            raise ValueError(f"budget must be a fraction in (0, 1), got {budget!r}")
+        if budget_metric not in BUDGET_METRICS:
+            raise ValueError(f"budget_metric must be one of {BUDGET_METRICS}, got {budget_metric!r}")
+        if any(mlp_sparsity) or any(attn_sparsity):
+            raise ValueError("pass either budget or mlp_sparsity/attn_sparsity, not both")
     _check_widths(model, mlp_sparsity, attn_sparsity)
+    if chosen["target"] == "dense" and checkpoint_dir is not None:
+        raise ValueError("checkpoint_dir is not supported with target='dense' (two streams of states)")
     dp = DataParallel(distributed)
     param = next(model.parameters())
     lazy = LazyWeights(weights) if weights is not None else None
@@ -249,8 +342,11 @@ def prune(
         architecture = {"error": str(exc)}
     params_before, flops_before = count_parameters(model), count_flops(model)
     widths_before = block_widths(model)
+    opts = _Options(compensate=compensate, ridge=ridge, attn_ridge=attn_ridge, stats_backend=stats_backend,
+                    solve_backend=solve_backend, **chosen)
     settings = dict(
-        mlp_sparsity=mlp_sparsity, attn_sparsity=attn_sparsity, compensate=compensate, propagate=propagate,
+        mlp_sparsity=_compact(mlp_sparsity), attn_sparsity=_compact(attn_sparsity), compensate=compensate,
+        method=method, **chosen, budget=budget, budget_metric=budget_metric if budget is not None else None,
         ridge=ridge, attn_ridge=attn_ridge, backend=f"stats={stats_backend},solve={solve_backend}",
         dtype=str(dtype).replace("torch.", ""),
     )
@@ -301,6 +397,20 @@ def prune(
         images, tokens = saved["images"], saved["tokens"]
     report.calibration_images, report.calibration_tokens = images, tokens
     report_batches = _report_prefix(store, report_images)
+    if budget is not None:
+        if saved is None:
+            errors = _measure_error_curves(work, blocks, store, max(report_batches, 1), opts, lazy, device, dtype,
+                                           home_device, dp)
+            mlp_sparsity, attn_sparsity = allocate_model(model, errors, _budget_grid(blocks), budget, budget_metric)
+        else:  # a resumed run continues with the allocation it checkpointed
+            mlp_sparsity, attn_sparsity = saved["allocation"]
+        report.allocation = {"mlp_sparsity": mlp_sparsity, "attn_sparsity": attn_sparsity}
+        settings["allocated_mlp_sparsity"], settings["allocated_attn_sparsity"] = mlp_sparsity, attn_sparsity
+    dense_store = None
+    if opts.target == "dense":
+        dense_store = store.spawn()
+        for t in store.raw():
+            dense_store.append(t)
 
     iterator = range(first_block, len(blocks))
     if progress:
@@ -312,9 +422,8 @@ def prune(
         if lazy is not None:
             lazy.materialize_(block, prefix=f"blocks.{i}.")
         block.to(device=device, dtype=dtype)
-        store, record = _prune_block(
-            block, i, store, report_batches, mlp_sparsity, attn_sparsity, compensate, propagate, ridge, attn_ridge,
-            stats_backend, solve_backend, dp,
+        store, dense_store, record = _prune_block(
+            block, i, store, dense_store, report_batches, mlp_sparsity[i], attn_sparsity[i], opts, dp,
         )
         blocks[i] = block.to(home_device)
         report.blocks.append(record)
@@ -323,12 +432,17 @@ def prune(
             dp.barrier()  # every rank's states are on disk before progress moves on
             if dp.rank == 0:
                 ckpt.save_block(i, block, block_widths_of(block))
-                ckpt.save_progress(i + 1, [asdict(b) for b in report.blocks], {"images": images, "tokens": tokens})
+                extra = {"images": images, "tokens": tokens}
+                if budget is not None:
+                    extra["allocation"] = [mlp_sparsity, attn_sparsity]
+                ckpt.save_progress(i + 1, [asdict(b) for b in report.blocks], extra)
             dp.barrier()
             ckpt.drop_states_before(i + 1)
         if callback is not None:
             callback(i, record)
     store.close()
+    if dense_store is not None:
+        dense_store.close()
     work.to(home_device)
     work.train(was_training)
 
@@ -345,6 +459,65 @@ def prune(
         "pruning": dict(settings, calibration_images=images, calibration_tokens=tokens),
     }
     return work
+
+
+def _compact(values: list[float]) -> float | list[float]:
+    """One number when every block has the same sparsity (the usual case), else the list."""
+    return values[0] if len(set(values)) == 1 else list(values)
+
+
+def _budget_grid(blocks) -> list[float]:
+    """The grid points of :data:`BUDGET_GRID` that keep at least one channel and q/k dim in every block."""
+    return [p for p in BUDGET_GRID
+            if all(kept_count(b.mlp.fc1.out_features, p) >= 1 and kept_count(b.attn.head_dim, p) >= 1 for b in blocks)]
+
+
+@torch.no_grad()
+def _measure_error_curves(work, blocks, store: StateStore, report_batches: int, opts: _Options,
+                          lazy: Optional[LazyWeights], device, dtype, home_device, dp: DataParallel) -> torch.Tensor:
+    """Budget pre-pass: every block's compensated output error at every grid sparsity.
+
+    The dense model runs once over the calibration states (statistics as in
+    ``propagate="dense"``); each block is then pruned at every grid point, MLP and
+    attention separately, with the paper's fit and selection (the fits of one block
+    cost a fraction of its statistics), and its squared relative output error on the
+    report batches is measured against the dense block. Returns ``(2L, K)``: rows
+    0..L−1 the MLPs, L..2L−1 the attentions (:mod:`corp.allocation`'s order).
+    """
+    grid = _budget_grid(blocks)
+    depth = len(blocks)
+    errors = torch.zeros(2 * depth, len(grid), dtype=torch.float64)
+    states = store
+    for i in range(depth):
+        block = copy.deepcopy(blocks[i])
+        if lazy is not None:
+            lazy.materialize_(block, prefix=f"blocks.{i}.")
+        block.to(device=device, dtype=dtype)
+        attn, mlp = block.attn, block.mlp
+        attn_stats = AttentionStatistics(attn.num_heads, attn.head_dim, attn.qkv.weight.device, opts.stats_backend)
+        mlp_stats = MLPStatistics(mlp.fc1.out_features, attn.qkv.weight.device, backend=opts.stats_backend)
+        next_states = states.spawn()
+        with _hook(attn.qkv, attn_stats.update, stop=False), _hook(mlp.act, mlp_stats.update, stop=False):
+            reference = _propagate(block, states, next_states, report_batches, i, dp)
+        dp.sum_([attn_stats.gram_q, attn_stats.gram_k, attn_stats.score, mlp_stats.colsum, mlp_stats.gram])
+        attn_stats.count, mlp_stats.count = dp.sum_int(attn_stats.count), dp.sum_int(mlp_stats.count)
+        inputs = [states[j] for j in range(report_batches)]
+        for k, p in enumerate(grid):
+            if p == 0:
+                continue
+            fc = prune_mlp(mlp, mlp_stats, p, opts.ridge, True, opts.solve_backend)
+            with _swapped(block, fc=(fc.fc1, fc.fc2)):
+                errors[i, k] = _relative_error([block(x) for x in inputs], reference, dp) ** 2
+            new_attn = prune_attention(attn, attn_stats, p, opts.attn_ridge, True, opts.solve_backend).attn
+            with _swapped(block, attn=new_attn):
+                errors[depth + i, k] = _relative_error([block(x) for x in inputs], reference, dp) ** 2
+        if states is not store:
+            states.close()
+        states = next_states
+        del block, attn_stats, mlp_stats
+    if states is not store:
+        states.close()
+    return errors
 
 
 def block_widths_of(block: nn.Module) -> dict[str, int]:
@@ -418,96 +591,224 @@ def _propagate(block: nn.Module, states: StateStore, out: StateStore, keep: int,
     return kept
 
 
+@dataclass
+class _Options:
+    """The per-run choices of :func:`prune` that every block uses."""
+
+    compensate: bool
+    propagate: str
+    target: str
+    logit_fit: str
+    selection: str
+    ridge: float
+    attn_ridge: float
+    stats_backend: str
+    solve_backend: str
+
+
+def _cross_update_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc (H, d, d) += Σ_n a[n, h]ᵀ b[n, h]`` per head: fp32 products per chunk, fp64 sum.
+
+    ``a``, ``b``: ``(N, H, d)`` (fp64 inputs stay fp64)."""
+    dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+    a, b = a.to(dt).transpose(0, 1), b.to(dt).transpose(0, 1)
+    acc += (a.mT @ b).to(torch.float64)
+
+
+def _qk_heads(qkv: torch.Tensor, num_heads: int, head_dim: int, centre: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k of a qkv batch ``(B, T, 3·H·d)`` as ``(B·T, H, d)``; keys centred per image if asked."""
+    b, t, _ = qkv.shape
+    x = qkv.reshape(b, t, 3, num_heads, head_dim)
+    q, k = x[:, :, 0], x[:, :, 1]
+    if centre:
+        k = k - k.float().mean(1, keepdim=True).to(k.dtype)
+    return q.reshape(b * t, num_heads, head_dim), k.reshape(b * t, num_heads, head_dim)
+
+
+def _capture(block: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output of ``module`` inside ``block(x)`` (the rest of the block is skipped)."""
+    out: list[torch.Tensor] = []
+    with _hook(module, out.append, stop=True):
+        _run_until_hook(block, [x])
+    return out[0]
+
+
 def _prune_block(
     block: nn.Module,
     index: int,
     states: StateStore,
+    dense_states: Optional[StateStore],
     report_batches: int,
     mlp_sparsity: float,
     attn_sparsity: float,
-    compensate: bool,
-    propagate: str,
-    ridge: float,
-    attn_ridge: float,
-    stats_backend: str,
-    solve_backend: str,
+    opts: _Options,
     dp: DataParallel,
-) -> tuple[StateStore, BlockReport]:
-    """Prune one block in place; return the next block's input states and the block's record."""
+) -> tuple[StateStore, Optional[StateStore], BlockReport]:
+    """Prune one block in place; return the next block's input states (pruned stream, and the
+    dense stream when the targets are the dense model's) and the block's record."""
     attn, mlp = block.attn, block.mlp
     device = attn.qkv.weight.device
+    h, d = attn.num_heads, attn.head_dim
+    compensate, propagate = opts.compensate, opts.propagate
+    correcting = opts.target == "dense"  # error-correcting: fit to the dense stream's outputs
+    centre = opts.logit_fit == "centred"
     record = BlockReport(
         index=index,
         mlp_hidden_before=mlp.fc1.out_features,
         mlp_hidden_after=mlp.fc1.out_features,
-        qk_dim_before=attn.head_dim,
-        qk_dim_after=attn.head_dim,
+        qk_dim_before=d,
+        qk_dim_after=d,
     )
     prune_a, prune_m = attn_sparsity > 0, mlp_sparsity > 0
-    attn_stats = AttentionStatistics(attn.num_heads, attn.head_dim, device, stats_backend) if prune_a else None
-    mlp_stats = MLPStatistics(mlp.fc1.out_features, device, full=compensate, backend=stats_backend) if prune_m else None
-    dense_fc = (mlp.fc1, mlp.fc2)
+    attn_stats = AttentionStatistics(h, d, device, opts.stats_backend) if prune_a else None
+    full_mlp = compensate or opts.selection == "residual"
+    mlp_stats = MLPStatistics(mlp.fc1.out_features, device, full=full_mlp, backend=opts.stats_backend) \
+        if prune_m else None
+    key_outer = torch.zeros(h, d, d, dtype=torch.float64, device=device) if prune_a and centre else None
+    cross_q = cross_k = None
+    if prune_a and correcting and compensate:
+        cross_q = torch.zeros(h, d, d, dtype=torch.float64, device=device)
+        cross_k = torch.zeros_like(cross_q)
+    dense_attn, dense_fc = attn, (mlp.fc1, mlp.fc2)
     next_states = states.spawn()
+    next_dense = dense_states.spawn() if dense_states is not None else None
     dense_ref: list[torch.Tensor] = []  # dense outputs of the report batches
 
-    def reduce_stats(stats) -> None:
-        if isinstance(stats, AttentionStatistics):
-            dp.sum_([stats.gram_q, stats.gram_k, stats.score])
-        else:
-            dp.sum_([stats.colsum, stats.gram if stats.full else stats.sq_sum])
-        stats.count = dp.sum_int(stats.count)
+    def check(stats, what: str) -> None:
         if not stats.all_finite():
-            raise ValueError(f"non-finite {'query/key' if isinstance(stats, AttentionStatistics) else 'MLP'} "
-                             f"statistics in block {index}")
+            raise ValueError(f"non-finite {what} statistics in block {index}")
 
+    def attention_update(qkv: torch.Tensor) -> None:
+        attn_stats.update(qkv)
+        if key_outer is not None:
+            key_outer_update_(key_outer, qkv, h, d)
+
+    # ---------------------------------------------------------------- statistics, attention
     if propagate == "dense":
         # One dense forward gives both statistics and the next block's (dense) input.
         with contextlib.ExitStack() as stack:
             if attn_stats is not None:
-                stack.enter_context(_hook(attn.qkv, attn_stats.update, stop=False))
+                stack.enter_context(_hook(attn.qkv, attention_update, stop=False))
             if mlp_stats is not None:
                 stack.enter_context(_hook(mlp.act, mlp_stats.update, stop=False))
             dense_ref = _propagate(block, states, next_states, report_batches, index, dp)
     elif attn_stats is not None:
-        with _hook(attn.qkv, attn_stats.update, stop=True):
-            _run_until_hook(block, states)
+        for j, x in enumerate(states):
+            qkv = attn.qkv(block.norm1(x))  # what a hook on attn.qkv sees, without the rest of the block
+            attention_update(qkv)
+            if cross_q is not None:
+                qkv_dense = attn.qkv(block.norm1(dense_states[j]))
+                q_hat, k_hat = _qk_heads(qkv, h, d, centre)
+                q_dense, k_dense = _qk_heads(qkv_dense, h, d, centre)
+                _cross_update_(cross_q, q_hat, q_dense)
+                _cross_update_(cross_k, k_dense, k_hat)
 
     uncompensated_attn = uncompensated_fc = None
     if attn_stats is not None:
-        reduce_stats(attn_stats)
-        result = prune_attention(attn, attn_stats, attn_sparsity, attn_ridge, compensate, solve_backend)
+        extra = [t for t in (key_outer, cross_q, cross_k) if t is not None]
+        dp.sum_([attn_stats.gram_q, attn_stats.gram_k, attn_stats.score] + extra)
+        attn_stats.count = dp.sum_int(attn_stats.count)
+        check(attn_stats, "query/key")
+        gram_k = centred_key_gram(attn_stats.gram_k, key_outer) if centre else attn_stats.gram_k
+        keep = kept_count(d, attn_sparsity)
+        if opts.selection == "residual":
+            selected = select_qk_dims_by_residual(attn_stats.gram_q, gram_k, keep, opts.attn_ridge,
+                                                  step=_qk_selection_step(d, keep))
+        else:
+            selected = select_qk_dims(attn_stats.score, keep)
+        solve = None
+        if compensate and cross_q is not None:
+            def solve(kept, pruned):
+                return attention_error_correcting_solve(attn_stats.gram_q, gram_k, cross_q, cross_k, kept, pruned,
+                                                        opts.attn_ridge, opts.solve_backend)
+        elif compensate and centre:
+            def solve(kept, pruned):
+                return centred_attention_compensation(attn_stats.gram_q, gram_k, kept, pruned, opts.attn_ridge,
+                                                      opts.solve_backend)
+        elif compensate and opts.logit_fit == "per_image":
+            def solve(kept, pruned):
+                # second pass over the (cheap) qkv projection, now that S is known
+                system = PerImageLogitSystem(kept, pruned, h, d, device)
+                for x in states:
+                    system.update(attn.qkv(block.norm1(x)))
+                dp.sum_([system.packed, system.rhs])
+                return system.solve(opts.attn_ridge, system.system_scale(), opts.solve_backend)
+        result = prune_attention(attn, attn_stats, attn_sparsity, opts.attn_ridge, compensate, opts.solve_backend,
+                                 selected=selected, solve=solve)
         block.attn = result.attn
         record.qk_dim_after = result.attn.qk_dim
         record.attn_damping, record.attn_relative_damping = result.damping, result.relative_damping
         if compensate and report_batches:
-            uncompensated_attn = prune_attention(attn, attn_stats, attn_sparsity, attn_ridge, False).attn
+            uncompensated_attn = prune_attention(attn, attn_stats, attn_sparsity, opts.attn_ridge, False,
+                                                 selected=selected).attn
         del attn_stats
 
+    # ---------------------------------------------------------------- statistics, MLP
     if mlp_stats is not None:
-        if propagate == "pruned":
+        dense_sum = cross = None
+        if propagate == "pruned" and correcting and compensate:
+            # both streams, batch by batch: ĥ from the pruned block, h from the dense one
+            width = mlp.fc1.out_features
+            dense_sum = torch.zeros(width, dtype=torch.float64, device=device)
+            cross = torch.zeros(width, width, dtype=torch.float64, device=device)
+            for j, x in enumerate(states):
+                h_hat = _capture(block, mlp.act, x)
+                with _swapped(block, attn=dense_attn):
+                    h_dense = _capture(block, mlp.act, dense_states[j])
+                mlp_stats.update(h_hat)
+                dt = torch.float64 if h_hat.dtype == torch.float64 else torch.float32
+                a, b = h_dense.reshape(-1, width).to(dt), h_hat.reshape(-1, width).to(dt)
+                cross += (a.T @ b).to(torch.float64)
+                dense_sum += a.sum(0).to(torch.float64)
+            dp.sum_([cross, dense_sum])
+        elif propagate == "pruned":
             # Statistics of the MLP input after the (already pruned) attention.
             with _hook(mlp.act, mlp_stats.update, stop=True):
                 _run_until_hook(block, states)
-        reduce_stats(mlp_stats)
-        result_m = prune_mlp(mlp, mlp_stats, mlp_sparsity, ridge, compensate, solve_backend)
+        dp.sum_([mlp_stats.colsum, mlp_stats.gram if mlp_stats.full else mlp_stats.sq_sum])
+        mlp_stats.count = dp.sum_int(mlp_stats.count)
+        check(mlp_stats, "MLP")
+        keep = kept_count(mlp.fc1.out_features, mlp_sparsity)
+        if opts.selection == "residual":
+            _, cov = mlp_stats.mean_and_covariance()
+            selected = select_mlp_channels_by_residual(cov, mlp.fc2.weight.detach().to(cov), keep, opts.ridge)
+        else:
+            selected = select_mlp_channels(mlp, mlp_stats.second_moment_diag(), keep)
+        fold = None
+        if cross is not None:
+            def fold(kept, pruned):
+                mean_hat, cov_hat = mlp_stats.mean_and_covariance()
+                n = mlp_stats.count
+                mean_dense = dense_sum / n
+                cross_cov = cross / n - torch.outer(mean_dense, mean_hat)
+                w2 = mlp.fc2.weight.detach().to(torch.float64)
+                b2 = mlp.fc2.bias.detach().to(torch.float64) if mlp.fc2.bias is not None else None
+                return mlp_error_correcting_fold(w2, b2, mean_dense, mean_hat, cov_hat, cross_cov, kept, opts.ridge,
+                                                 opts.solve_backend)
+        result_m = prune_mlp(mlp, mlp_stats, mlp_sparsity, opts.ridge, compensate, opts.solve_backend,
+                             selected=selected, fold=fold)
         if compensate and report_batches:
             uncompensated_fc = (result_m.fc1, result_m.plain_fc2)
         mlp.fc1, mlp.fc2 = result_m.fc1, result_m.fc2
         record.mlp_hidden_after = result_m.fc1.out_features
         record.mlp_damping, record.mlp_relative_damping = result_m.damping, result_m.relative_damping
-        del mlp_stats
+        del mlp_stats, cross
     # Every rank holds rank 0's pruned block, bit for bit.
     dp.broadcast_module_(block)
 
     pruned_report: list[torch.Tensor] = []
     if propagate == "pruned":
         pruned_report = _propagate(block, states, next_states, report_batches, index, dp)
+    if dense_states is not None:
+        with _swapped(block, attn=dense_attn, fc=dense_fc):
+            _propagate(block, dense_states, next_dense, 0, index, dp)
+        dense_states.close()
 
     if report_batches and (prune_a or prune_m):
         inputs = [states[j] for j in range(report_batches)]
         comp = pruned_report or [block(x) for x in inputs]
         if not dense_ref:
-            with _swapped(block, attn=attn, fc=dense_fc):
+            with _swapped(block, attn=dense_attn, fc=dense_fc):
                 dense_ref = [block(x) for x in inputs]
         record.error_compensated = _relative_error(comp, dense_ref, dp)
         if compensate:
@@ -516,4 +817,14 @@ def _prune_block(
         else:
             record.error_uncompensated = record.error_compensated
     states.close()
-    return next_states, record
+    return next_states, next_dense, record
+
+
+def _qk_selection_step(head_dim: int, keep: int) -> int:
+    """q/k dims dropped per greedy iteration of residual selection.
+
+    Exact greedy (1) re-solves H·|S| Sylvester systems per dim removed: 7 s per layer of
+    12 heads × 64 on 2 CPU cores (benchmarks/selection_cost.py), 130x the layer's attention
+    statistics. Eight iterations per layer keep it to a few Sylvester batches.
+    """
+    return max(1, (head_dim - keep) // 8)

@@ -43,6 +43,7 @@ class PruneReport:
     calibration_images: int = 0
     calibration_tokens: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+    allocation: Optional[dict[str, Any]] = None  # per-block sparsities chosen for a budget
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
