@@ -651,7 +651,7 @@ def _prune_block(
     h, d = attn.num_heads, attn.head_dim
     compensate, propagate = opts.compensate, opts.propagate
     correcting = opts.target == "dense"  # error-correcting: fit to the dense stream's outputs
-    centre = opts.logit_fit == "centred"
+    centre = opts.logit_fit in ("centred", "per_image")  # both fit keys centred per image
     record = BlockReport(
         index=index,
         mlp_hidden_before=mlp.fc1.out_features,
@@ -721,7 +721,7 @@ def _prune_block(
             def solve(kept, pruned):
                 return attention_error_correcting_solve(attn_stats.gram_q, gram_k, cross_q, cross_k, kept, pruned,
                                                         opts.attn_ridge, opts.solve_backend)
-        elif compensate and centre:
+        elif compensate and opts.logit_fit == "centred":
             def solve(kept, pruned):
                 return centred_attention_compensation(attn_stats.gram_q, gram_k, kept, pruned, opts.attn_ridge,
                                                       opts.solve_backend)
