@@ -53,7 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp-sparsity", type=_fraction, default=0.0)
     p.add_argument("--attn-sparsity", type=_fraction, default=0.0)
     p.add_argument("--out", required=True, help="output directory (model.safetensors + config.json)")
-    p.add_argument("--propagate", choices=("dense", "pruned"), default="dense")
+    p.add_argument("--method", choices=("paper", "corp"), default="corp",
+                   help="paper: the paper's method exactly; corp: this project's defaults (options below override)")
+    p.add_argument("--propagate", choices=("dense", "pruned"), default=None)
+    p.add_argument("--target", choices=("local", "dense"), default=None,
+                   help="dense: error-correcting fits to the dense model's outputs (needs --propagate pruned)")
+    p.add_argument("--logit-fit", choices=("pooled", "centred", "per_image"), default=None)
+    p.add_argument("--selection", choices=("energy", "residual"), default=None)
+    p.add_argument("--budget", type=_fraction, default=None,
+                   help="remove this fraction of parameters (or FLOPs) with per-block sparsities by measured error")
+    p.add_argument("--budget-metric", choices=("params", "flops"), default="params")
     p.add_argument("--no-compensate", action="store_true", help="plain structured pruning, no compensation")
     p.add_argument("--ridge", type=float, default=DEFAULT_MLP_RIDGE, help="MLP damping relative to mean diag Σ_SS")
     p.add_argument("--attn-ridge", type=float, default=DEFAULT_ATTN_RIDGE)
@@ -134,7 +143,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         mlp_sparsity=args.mlp_sparsity,
         attn_sparsity=args.attn_sparsity,
         compensate=not args.no_compensate,
+        method=args.method,
         propagate=args.propagate,
+        target=args.target,
+        logit_fit=args.logit_fit,
+        selection=args.selection,
+        budget=args.budget,
+        budget_metric=args.budget_metric,
         ridge=args.ridge,
         attn_ridge=args.attn_ridge,
         batch_size=args.batch_size,

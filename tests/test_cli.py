@@ -91,3 +91,22 @@ def test_prune_under_torchrun_with_two_gloo_processes(folders):
     assert ddp.corp_config["pruning"]["calibration_images"] == 10
     for k, v in single.state_dict().items():
         torch.testing.assert_close(ddp.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_prune_with_variants_and_budget_matches_the_api(folders):
+    out = folders / "budget"
+    args = ["prune", "--model", str(folders / "dense"), "--calib", str(folders / "data"), "--calib-size", "8",
+            "--out", str(out), "--workers", "0", "--batch-size", "4", "--propagate", "pruned", "--target", "dense",
+            "--logit-fit", "centred", "--selection", "residual", "--budget", "0.3"]
+    assert main(args) == 0
+    pruned = corp.load_pretrained(out)
+    settings = pruned.corp_config["pruning"]
+    assert (settings["target"], settings["logit_fit"], settings["selection"], settings["budget"]) == \
+        ("dense", "centred", "residual", 0.3)
+    dense = corp.load_pretrained(folders / "dense")
+    loader = calibration_loader(dense, str(folders / "data"), 8, 4, 0)
+    api = corp.prune(dense, loader, propagate="pruned", target="dense", logit_fit="centred", selection="residual",
+                     budget=0.3, batch_size=4)
+    for k, v in api.state_dict().items():
+        torch.testing.assert_close(pruned.state_dict()[k], v)
+    assert corp.report.count_parameters(pruned) <= 0.7 * corp.report.count_parameters(dense)
