@@ -302,7 +302,11 @@ def select_qk_dims_by_residual(
     if not 0 < keep <= d:
         raise ValueError(f"keep must be in 1..{d}, got {keep}")
     step = max(1, int(step))
-    gram_q, gram_k = gram_q.to(torch.float64), gram_k.to(torch.float64)
+    # The greedy runs on the CPU whatever the Grams' device: each iteration eigendecomposes H·|S|
+    # matrices of size |S| − 1, and torch.linalg.eigh on CUDA loops over a batch one matrix at a
+    # time once n > 32 (pytorch/pytorch#175585), which is slower than the CPU for these sizes.
+    home = gram_q.device
+    gram_q, gram_k = gram_q.to("cpu", torch.float64), gram_k.to("cpu", torch.float64)
     dev = gram_q.device
     kept = torch.arange(d, device=dev).repeat(heads, 1)
     pruned = kept[:, :0]
@@ -323,4 +327,4 @@ def select_qk_dims_by_residual(
         stay.scatter_(1, drop, False)
         pruned = torch.cat([pruned, torch.gather(kept, 1, drop)], dim=1)
         kept = kept[stay].view(heads, s - b)
-    return torch.sort(kept, dim=1).values, torch.sort(pruned, dim=1).values
+    return torch.sort(kept, dim=1).values.to(home), torch.sort(pruned, dim=1).values.to(home)
