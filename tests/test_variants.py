@@ -187,7 +187,8 @@ def test_budget_beats_uniform_at_the_same_cost_on_block_error():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(target="dense"), "needs propagate='pruned'"),
+    (dict(target="dense", propagate="dense"), "needs propagate='pruned'"),
+    (dict(method="paper", target="dense"), "needs propagate='pruned'"),
     (dict(propagate="pruned", target="dense", logit_fit="per_image"), "per_image"),
     (dict(method="best"), "method must be one of"),
     (dict(logit_fit="softmax"), "logit_fit must be one of"),
