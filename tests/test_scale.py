@@ -146,3 +146,27 @@ def test_lazy_weights_from_safetensors_equal_the_in_memory_model(tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if "blocks.2.mlp" not in k}, path)
     with pytest.raises(ValueError, match="no tensor 'blocks.2.mlp.fc1.weight'"):
         corp.prune(skeleton, _images(), weights=path, **KW)
+
+
+def test_budget_run_resumes_with_its_checkpointed_allocation(tmp_path):
+    """An interrupted budgeted run resumes from its checkpoint with the allocation it chose (not a
+    new measurement) and ends with the uninterrupted run's weights."""
+    ckpt = str(tmp_path / "ckpt")
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_block_1(i, _record):
+        if i == 1:
+            raise Interrupt
+
+    kw = dict(budget=0.3, batch_size=4, report_images=4)
+    with pytest.raises(Interrupt):
+        corp.prune(tiny_vit(depth=4), _images(), checkpoint_dir=ckpt, callback=stop_after_block_1, **kw)
+    seen = []
+    resumed = corp.prune(tiny_vit(depth=4), _images(), checkpoint_dir=ckpt, callback=lambda i, r: seen.append(i),
+                         **kw)
+    assert seen == [2, 3]
+    full = corp.prune(tiny_vit(depth=4), _images(), **kw)
+    assert resumed.corp_report.allocation == full.corp_report.allocation
+    _assert_same_weights(resumed, full, rtol=1e-6, atol=1e-7)
