@@ -749,6 +749,7 @@ def _prune_block(
         del attn_stats
 
     # ---------------------------------------------------------------- statistics, MLP
+    dense_propagated = False
     if mlp_stats is not None:
         dense_sum = cross = None
         if propagate == "pruned" and correcting and compensate:
@@ -756,15 +757,23 @@ def _prune_block(
             width = mlp.fc1.out_features
             dense_sum = torch.zeros(width, dtype=torch.float64, device=device)
             cross = torch.zeros(width, width, dtype=torch.float64, device=device)
+            finite = True
             for j, x in enumerate(states):
                 h_hat = _capture(block, mlp.act, x)
-                with _swapped(block, attn=dense_attn):
-                    h_dense = _capture(block, mlp.act, dense_states[j])
+                # the dense stream's one full forward: its MLP activations and the next block's input
+                captured: list[torch.Tensor] = []
+                with _swapped(block, attn=dense_attn), _hook(mlp.act, captured.append, stop=False):
+                    y = block(dense_states[j])
+                finite = finite and _is_finite(y)
+                next_dense.append(y)
+                h_dense = captured[0]
                 mlp_stats.update(h_hat)
                 dt = torch.float64 if h_hat.dtype == torch.float64 else torch.float32
                 a, b = h_dense.reshape(-1, width).to(dt), h_hat.reshape(-1, width).to(dt)
                 cross += (a.T @ b).to(torch.float64)
                 dense_sum += a.sum(0).to(torch.float64)
+            _check_finite(finite, f"the output of block {index} (dense stream)", dp)
+            dense_propagated = True
             dp.sum_([cross, dense_sum])
         elif propagate == "pruned":
             # Statistics of the MLP input after the (already pruned) attention.
@@ -805,8 +814,9 @@ def _prune_block(
     if propagate == "pruned":
         pruned_report = _propagate(block, states, next_states, report_batches, index, dp)
     if dense_states is not None:
-        with _swapped(block, attn=dense_attn, fc=dense_fc):
-            _propagate(block, dense_states, next_dense, 0, index, dp)
+        if not dense_propagated:
+            with _swapped(block, attn=dense_attn, fc=dense_fc):
+                _propagate(block, dense_states, next_dense, 0, index, dp)
         dense_states.close()
 
     if report_batches and (prune_a or prune_m):
