@@ -47,7 +47,11 @@ command -v nvcc >/dev/null && nvcc --version | tail -1 | sed 's/^/nvcc: /' | tee
 # 1. build (sm_90 only: the card in hand)
 rm -f corp/_C*.so corp/_ext_build.json
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
-step build 120 env CORP_BUILD_CUDA=1 CORP_EXT_REQUIRED=1 "$PY" setup.py build_ext --inplace
+if ! step build 120 env CORP_BUILD_CUDA=1 CORP_EXT_REQUIRED=1 "$PY" setup.py build_ext --inplace; then
+    say "setup.py build failed; falling back to the JIT build (CORP_JIT_BUILD=1, corp/_compiled.py)"
+    rm -f corp/_C*.so corp/_ext_build.json
+    export CORP_JIT_BUILD=1
+fi
 tail -3 "$LOG_DIR/build.txt" | tee -a "$SUMMARY"
 "$PY" -c "
 from corp import _compiled
