@@ -16,7 +16,7 @@ from timm.layers import Attention, Mlp
 
 from .adapters import pruned_attention_like
 from .modules import PrunedAttention
-from .solve import ridge_solve, sylvester_solve
+from .solve import ridge_solve, sub_blocks, sylvester_solve
 from .stats import AttentionStatistics, MLPStatistics
 
 __all__ = [
@@ -163,12 +163,8 @@ def attention_compensation(
     Returns:
         ``M`` ``(H, s, s)`` and ``λ`` ``(H,)``.
     """
-    def sub(g: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        return torch.gather(torch.gather(g, 1, rows[:, :, None].expand(-1, -1, g.shape[2])), 2,
-                            cols[:, None, :].expand(-1, rows.shape[1], -1))
-
-    q_ss, k_ss = sub(gram_q, kept, kept), sub(gram_k, kept, kept)
-    rhs = sub(gram_q, kept, pruned) @ sub(gram_k, pruned, kept)
+    q_ss, k_ss = sub_blocks(gram_q, kept, kept), sub_blocks(gram_k, kept, kept)
+    rhs = sub_blocks(gram_q, kept, pruned) @ sub_blocks(gram_k, pruned, kept)
     scale = torch.diagonal(q_ss, dim1=1, dim2=2).mean(1) * torch.diagonal(k_ss, dim1=1, dim2=2).mean(1)
     damping = (ridge * scale).clamp_min(torch.finfo(scale.dtype).tiny)
     return sylvester_solve(q_ss, k_ss, rhs, damping, backend=backend), damping
@@ -298,7 +294,7 @@ def attention_error_correcting_solve(
     Returns:
         ``M`` ``(H, s, s)`` and ``λ`` ``(H,)``.
     """
-    q_ss, k_ss = _sub(gram_q, kept, kept), _sub(gram_k, kept, kept)
+    q_ss, k_ss = sub_blocks(gram_q, kept, kept), sub_blocks(gram_k, kept, kept)
     rows_q = torch.gather(cross_q, 1, kept[:, :, None].expand(-1, -1, cross_q.shape[2]))  # (H, s, d)
     cols_k = torch.gather(cross_k, 2, kept[:, None, :].expand(-1, cross_k.shape[1], -1))  # (H, d, s)
     rhs = rows_q @ cols_k - q_ss @ k_ss
@@ -307,10 +303,6 @@ def attention_error_correcting_solve(
     return sylvester_solve(q_ss, k_ss, rhs, damping, backend=backend), damping
 
 
-def _sub(g: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``g[h][rows[h]][:, cols[h]]`` for every head h: ``(H, |rows|, |cols|)``."""
-    return torch.gather(torch.gather(g, 1, rows[:, :, None].expand(-1, -1, g.shape[2])), 2,
-                        cols[:, None, :].expand(-1, rows.shape[1], -1))
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:

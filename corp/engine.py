@@ -38,7 +38,7 @@ from .logit_fit import PerImageLogitSystem, centred_attention_compensation, cent
 from .selection import select_mlp_channels_by_residual, select_qk_dims_by_residual
 from .allocation import allocate_model
 from .report import BlockReport, PruneReport, count_flops, count_parameters
-from .stats import AttentionStatistics, MLPStatistics
+from .stats import AttentionStatistics, MLPStatistics, _chunk_dtype
 
 __all__ = ["prune", "DEFAULT_MLP_RIDGE", "DEFAULT_ATTN_RIDGE", "METHODS"]
 
@@ -615,7 +615,7 @@ def _cross_update_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc (H, d, d) += Σ_n a[n, h]ᵀ b[n, h]`` per head: fp32 products per chunk, fp64 sum.
 
     ``a``, ``b``: ``(N, H, d)`` (fp64 inputs stay fp64)."""
-    dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+    dt = _chunk_dtype(a)
     a, b = a.to(dt).transpose(0, 1), b.to(dt).transpose(0, 1)
     acc += (a.mT @ b).to(torch.float64)
 
@@ -768,7 +768,7 @@ def _prune_block(
                 next_dense.append(y)
                 h_dense = captured[0]
                 mlp_stats.update(h_hat)
-                dt = torch.float64 if h_hat.dtype == torch.float64 else torch.float32
+                dt = _chunk_dtype(h_hat)
                 a, b = h_dense.reshape(-1, width).to(dt), h_hat.reshape(-1, width).to(dt)
                 cross += (a.T @ b).to(torch.float64)
                 dense_sum += a.sum(0).to(torch.float64)

@@ -86,7 +86,8 @@ from __future__ import annotations
 
 import torch
 
-from .solve import ridge_solve, sylvester_solve
+from .solve import ridge_solve, sub_blocks, sylvester_solve
+from .stats import _chunk_dtype
 
 __all__ = [
     "key_outer_update_",
@@ -95,10 +96,6 @@ __all__ = [
     "centred_attention_compensation",
     "PerImageLogitSystem",
 ]
-
-
-def _chunk_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _split_qk(qkv: torch.Tensor, num_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,10 +149,6 @@ def centred_key_gram(gram_k: torch.Tensor, key_outer: torch.Tensor) -> torch.Ten
     return 0.5 * (g + g.transpose(-1, -2))
 
 
-def _sub(g: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Per-head sub-block ``g[h][rows[h]][:, cols[h]]``: ``(H, r, c)``."""
-    return torch.gather(torch.gather(g, 1, rows[:, :, None].expand(-1, -1, g.shape[2])), 2,
-                        cols[:, None, :].expand(-1, rows.shape[1], -1))
 
 
 def logit_damping_scale(gram_q: torch.Tensor, gram_k_centred: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -194,8 +187,8 @@ def centred_attention_compensation(
     dev = gram_q.device
     kept, pruned = kept.to(dev), pruned.to(dev)
     gq, gk = gram_q.to(torch.float64), gram_k_centred.to(torch.float64)
-    q_ss, k_ss = _sub(gq, kept, kept), _sub(gk, kept, kept)
-    rhs = _sub(gq, kept, pruned) @ _sub(gk, pruned, kept)
+    q_ss, k_ss = sub_blocks(gq, kept, kept), sub_blocks(gk, kept, kept)
+    rhs = sub_blocks(gq, kept, pruned) @ sub_blocks(gk, pruned, kept)
     scale = logit_damping_scale(gq, gk, kept)
     damping = (ridge * scale).clamp_min(torch.finfo(torch.float64).tiny)
     return sylvester_solve(q_ss, k_ss, rhs, damping, backend=backend), damping

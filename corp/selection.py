@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import torch
 
-from .solve import ridge_solve, sylvester_solve
+from .solve import ridge_solve, sub_blocks, sylvester_solve
 
 __all__ = [
     "select_mlp_channels_by_residual",
@@ -238,18 +238,14 @@ def _mlp_ridge_objective(cov: torch.Tensor, w2: torch.Tensor, kept: torch.Tensor
 # ---------------------------------------------------------------------------
 
 
-def _sub(g: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Batched ``g[b][rows[b]][:, cols[b]]``: g ``(B, d, d)``, rows ``(B, r)``, cols ``(B, c)``."""
-    return torch.gather(torch.gather(g, 1, rows[:, :, None].expand(-1, -1, g.shape[2])), 2,
-                        cols[:, None, :].expand(-1, rows.shape[1], -1))
 
 
 def _qk_residual_batched(gram_q: torch.Tensor, gram_k: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor,
                          ridge: float) -> torch.Tensor:
     """``R`` for a batch of systems (Grams ``(B, d, d)``, kept ``(B, s)``, pruned ``(B, d − s)``) → ``(B,)``."""
-    q_ss, k_ss = _sub(gram_q, kept, kept), _sub(gram_k, kept, kept)
-    rhs = _sub(gram_q, kept, pruned) @ _sub(gram_k, pruned, kept)
-    q_pp, k_pp = _sub(gram_q, pruned, pruned), _sub(gram_k, pruned, pruned)
+    q_ss, k_ss = sub_blocks(gram_q, kept, kept), sub_blocks(gram_k, kept, kept)
+    rhs = sub_blocks(gram_q, kept, pruned) @ sub_blocks(gram_k, pruned, kept)
+    q_pp, k_pp = sub_blocks(gram_q, pruned, pruned), sub_blocks(gram_k, pruned, pruned)
     scale = torch.diagonal(q_ss, dim1=1, dim2=2).mean(1) * torch.diagonal(k_ss, dim1=1, dim2=2).mean(1)
     damping = (ridge * scale).clamp_min(torch.finfo(scale.dtype).tiny)  # as attention_compensation
     m = sylvester_solve(q_ss, k_ss, rhs, damping)

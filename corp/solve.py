@@ -20,7 +20,10 @@ import torch
 
 from . import _compiled
 
-__all__ = ["resolve_solve_backend", "RidgeSolution", "ridge_solve", "sylvester_solve", "MAX_DAMPING_RETRIES", "DAMPING_GROWTH"]
+__all__ = [
+    "resolve_solve_backend", "RidgeSolution", "ridge_solve", "sylvester_solve", "sub_blocks", "MAX_DAMPING_RETRIES",
+    "DAMPING_GROWTH",
+]
 
 # A failed Cholesky factorisation is retried with the damping multiplied by
 # DAMPING_GROWTH, at most MAX_DAMPING_RETRIES times. 10× per step reaches any
@@ -120,6 +123,15 @@ def ridge_solve(
             break
         damping[todo] = torch.maximum(damping[todo] * DAMPING_GROWTH, floor[todo])
     return RidgeSolution(solution, damping, ok)
+
+
+def sub_blocks(g: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Batched sub-blocks ``g[b][rows[b]][:, cols[b]]``: g ``(B, d, d)``, rows ``(B, r)``, cols ``(B, c)`` → ``(B, r, c)``.
+
+    Per-head index sets pick each head's S×S / S×P blocks of its Grams in two gathers.
+    """
+    return torch.gather(torch.gather(g, 1, rows[:, :, None].expand(-1, -1, g.shape[2])), 2,
+                        cols[:, None, :].expand(-1, rows.shape[1], -1))
 
 
 def sylvester_solve(
