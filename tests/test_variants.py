@@ -117,7 +117,7 @@ def test_softmax_aware_fits_prune_and_ignore_a_per_image_key_shift(logit_fit):
     x = _images(16)
     shifted = tiny_vit(depth=1)
     with torch.no_grad():
-        e, h, d = model.embed_dim, model.blocks[0].attn.num_heads, model.blocks[0].attn.head_dim
+        e = model.embed_dim
         shifted.blocks[0].attn.qkv.bias[e:2 * e] += 3.0 * torch.randn(e, generator=torch.Generator().manual_seed(3))
     kw = dict(mlp_sparsity=0.0, attn_sparsity=0.5, batch_size=8, report_images=8, selection="residual")
     outs = {}
