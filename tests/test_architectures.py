@@ -21,16 +21,24 @@ ARCHITECTURES = [
 ]
 
 
+VARIANTS = {  # every corp.prune variant on every architecture
+    "paper": dict(method="paper"),
+    "corp": dict(),
+    "error-correcting": dict(propagate="pruned", target="dense"),
+    "per-image": dict(logit_fit="per_image"),
+}
+
+
 @pytest.mark.parametrize("name,overrides", ARCHITECTURES, ids=[f"{n}-{'-'.join(o) or 'default'}" for n, o in ARCHITECTURES])
-@pytest.mark.parametrize("propagate", ["dense", "pruned"])
-def test_architecture_prunes_runs_and_round_trips(tmp_path, name, overrides, propagate):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_architecture_prunes_runs_and_round_trips(tmp_path, name, overrides, variant):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, patch_size=8, **{**SMALL, **overrides}).eval()
     for module in model.modules():  # LayerScale starts near 0, which would make every block an identity
         if isinstance(module, LayerScale):
             module.gamma.data.uniform_(0.5, 1.0)
     images = torch.randn(10, 3, 32, 32)
-    pruned = corp.prune(model, images, mlp_sparsity=0.5, attn_sparsity=0.5, propagate=propagate, batch_size=4)
+    pruned = corp.prune(model, images, mlp_sparsity=0.5, attn_sparsity=0.5, batch_size=4, **VARIANTS[variant])
     assert type(pruned) is type(model)
     assert pruned.corp_report.params_after < pruned.corp_report.params_before
     with torch.no_grad():
@@ -38,7 +46,8 @@ def test_architecture_prunes_runs_and_round_trips(tmp_path, name, overrides, pro
         dense_feat, feat = model.forward_features(images), pruned.forward_features(images)
     assert out.shape == dense_out.shape and torch.isfinite(out).all()
     # compensation keeps the pruned features closer to the dense ones than plain pruning
-    plain = corp.prune(model, images, mlp_sparsity=0.5, attn_sparsity=0.5, compensate=False, report_images=0)
+    plain = corp.prune(model, images, mlp_sparsity=0.5, attn_sparsity=0.5, compensate=False, report_images=0,
+                       **VARIANTS[variant])
     with torch.no_grad():
         plain_feat = plain.forward_features(images)
     assert (feat - dense_feat).norm() < (plain_feat - dense_feat).norm()
@@ -47,3 +56,16 @@ def test_architecture_prunes_runs_and_round_trips(tmp_path, name, overrides, pro
     with torch.no_grad():
         assert torch.equal(again(images), out)
     assert again.pretrained_cfg.get("architecture") == model.pretrained_cfg.get("architecture")
+
+
+@pytest.mark.parametrize("name,overrides", ARCHITECTURES[:3] + ARCHITECTURES[-1:],
+                         ids=[f"{n}-{'-'.join(o) or 'default'}" for n, o in ARCHITECTURES[:3] + ARCHITECTURES[-1:]])
+def test_architecture_budget_meets_its_flop_budget(name, overrides):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, patch_size=8, **{**SMALL, **overrides}).eval()
+    images = torch.randn(8, 3, 32, 32)
+    pruned = corp.prune(model, images, budget=0.3, budget_metric="flops", batch_size=4)
+    before, after = pruned.corp_report.flops_before, pruned.corp_report.flops_after
+    assert (before - after) / before >= 0.3
+    with torch.no_grad():
+        assert torch.isfinite(pruned(images)).all()
