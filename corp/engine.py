@@ -688,6 +688,8 @@ def _prune_block(
         if key_outer is not None:
             key_outer_update_(key_outer, qkv, h, d)
 
+    clock = time.perf_counter
+    tick = clock()
     # ---------------------------------------------------------------- statistics, attention
     if propagate == "dense":
         # One dense forward gives both statistics and the next block's (dense) input.
@@ -716,11 +718,15 @@ def _prune_block(
         check(attn_stats, "query/key")
         gram_k = centred_key_gram(attn_stats.gram_k, key_outer) if centre else attn_stats.gram_k
         keep = kept_count(d, attn_sparsity)
+        record.seconds_statistics += clock() - tick
+        tick = clock()
         if opts.selection == "residual":
             selected = select_qk_dims_by_residual(attn_stats.gram_q, gram_k, keep, opts.attn_ridge,
                                                   step=_qk_selection_step(d, keep))
         else:
             selected = select_qk_dims(attn_stats.score, keep)
+        record.seconds_selection += clock() - tick
+        tick = clock()
         solve = None
         if compensate and cross_q is not None:
             def solve(kept, pruned):
@@ -743,6 +749,7 @@ def _prune_block(
         block.attn = result.attn
         record.qk_dim_after = result.attn.qk_dim
         record.attn_damping, record.attn_relative_damping = result.damping, result.relative_damping
+        record.seconds_solve += clock() - tick  # (per_image: includes its second pass over qkv)
         if compensate and report_batches:
             uncompensated_attn = prune_attention(attn, attn_stats, attn_sparsity, opts.attn_ridge, False,
                                                  selected=selected).attn
@@ -751,6 +758,7 @@ def _prune_block(
     # ---------------------------------------------------------------- statistics, MLP
     dense_propagated = False
     if mlp_stats is not None:
+        tick = clock()
         dense_sum = cross = None
         if propagate == "pruned" and correcting and compensate:
             # both streams, batch by batch: ĥ from the pruned block, h from the dense one
@@ -783,11 +791,15 @@ def _prune_block(
         mlp_stats.count = dp.sum_int(mlp_stats.count)
         check(mlp_stats, "MLP")
         keep = kept_count(mlp.fc1.out_features, mlp_sparsity)
+        record.seconds_statistics += clock() - tick
+        tick = clock()
         if opts.selection == "residual":
             _, cov = mlp_stats.mean_and_covariance()
             selected = select_mlp_channels_by_residual(cov, mlp.fc2.weight.detach().to(cov), keep, opts.ridge)
         else:
             selected = select_mlp_channels(mlp, mlp_stats.second_moment_diag(), keep)
+        record.seconds_selection += clock() - tick
+        tick = clock()
         fold = None
         if cross is not None:
             def fold(kept, pruned):
@@ -804,6 +816,7 @@ def _prune_block(
         if compensate and report_batches:
             uncompensated_fc = (result_m.fc1, result_m.plain_fc2)
         mlp.fc1, mlp.fc2 = result_m.fc1, result_m.fc2
+        record.seconds_solve += clock() - tick
         record.mlp_hidden_after = result_m.fc1.out_features
         record.mlp_damping, record.mlp_relative_damping = result_m.damping, result_m.relative_damping
         del mlp_stats, cross

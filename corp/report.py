@@ -28,6 +28,11 @@ class BlockReport:
     attn_relative_damping: float = 0.0
     error_compensated: Optional[float] = None
     error_uncompensated: Optional[float] = None
+    # wall time of the block's phases: statistics passes (forwards and accumulation), selection,
+    # solves and folds (the rest: propagation to the next block and the report's error forwards)
+    seconds_statistics: float = 0.0
+    seconds_selection: float = 0.0
+    seconds_solve: float = 0.0
 
 
 @dataclass
