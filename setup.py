@@ -23,22 +23,20 @@ Environment switches:
 """
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
 import time
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 EXT_NAME = "corp._C"
 BUILD_RECORD = "_ext_build.json"
-CPU_SOURCES = [
-    "csrc/ridge_solve.cpp",
-    "csrc/ridge_solve_cpu_base.cpp",
-    "csrc/ridge_solve_cpu_avx2.cpp",
-    "csrc/ridge_solve_cpu_avx512.cpp",
-]
-CUDA_SOURCES = ["csrc/ridge_solve_cuda.cu"]
+# The one source list (also read by corp._compiled's JIT fallback); read without importing corp.
+_SOURCES = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "corp", "_ext_sources.py"))
+CPU_SOURCES = list(_SOURCES["CPU_SOURCES"])
+CUDA_SOURCES = list(_SOURCES["CUDA_SOURCES"])
 DEFAULT_ARCH_LIST = "9.0"
 
 
@@ -199,7 +197,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["corp", "corp.*"]),
+    # The Triton kernels live in the repository's top-level kernels/ folder and install as
+    # corp.kernels (a top-level module "kernels" would clash with the PyPI package of that name).
+    packages=["corp", "corp.kernels", "corp.models"],
+    package_dir={"corp": "corp", "corp.kernels": "kernels"},
     install_requires=["torch>=2.4", "timm>=1.0.15", "safetensors>=0.4", "tqdm>=4.60"],
     extras_require={
         "demo": ["scikit-learn>=1.3"],

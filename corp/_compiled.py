@@ -1,4 +1,8 @@
-"""Loader of the compiled solver ``corp._C`` (``csrc/``): the ``torch.ops.corp.ridge_solve`` custom op.
+"""Loader of the compiled solver ``corp._C`` (``csrc/``): CPU and CUDA kernels of ``corp::ridge_solve``.
+
+The op itself (schema, fake, which kernel runs where) is registered in
+:mod:`corp.ops`; the extension only provides the kernels
+(``ridge_solve_cpu``, ``ridge_solve_cuda``).
 
 The package imports and works without it: :func:`available` is then False and
 :func:`require` raises a RuntimeError that says how to build it. The extension
@@ -27,38 +31,28 @@ __all__ = [
     "load_error",
     "build_record",
     "require",
-    "ridge_solve",
+    "module",
 ]
 
 BUILD_COMMAND = "pip install --no-build-isolation -e ."
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_SOURCE_DIR = os.path.join(os.path.dirname(_PACKAGE_DIR), "csrc")
-
-_CPU_SOURCES = ("ridge_solve.cpp", "ridge_solve_cpu_base.cpp", "ridge_solve_cpu_avx2.cpp", "ridge_solve_cpu_avx512.cpp")
+_REPO_DIR = os.path.dirname(_PACKAGE_DIR)
+_SOURCE_DIR = os.path.join(_REPO_DIR, "csrc")
 _module = None
 _error: Optional[str] = None
 _tried = False
 
 
-def _register_fake() -> None:
-    @torch.library.register_fake("corp::ridge_solve")
-    def _(matrix, rhs, damping, max_retries=8, growth=10.0):
-        b = matrix.shape[0]
-        return (
-            rhs.new_empty(rhs.shape),
-            damping.new_empty((b,)),
-            matrix.new_empty((b,), dtype=torch.bool),
-        )
-
-
 def _jit_load():
     from torch.utils import cpp_extension
 
-    sources = [os.path.join(_SOURCE_DIR, name) for name in _CPU_SOURCES]
+    from ._ext_sources import CPU_SOURCES, CUDA_SOURCES
+
+    sources = [os.path.join(_REPO_DIR, name) for name in CPU_SOURCES]
     cflags = ["-O3", "-fopenmp"]
     with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
     if with_cuda:
-        sources.append(os.path.join(_SOURCE_DIR, "ridge_solve_cuda.cu"))
+        sources += [os.path.join(_REPO_DIR, name) for name in CUDA_SOURCES]
         cflags.append("-DCORP_WITH_CUDA")
     return cpp_extension.load(
         name="corp_C_jit",
@@ -89,8 +83,6 @@ def _load() -> None:
                 _error = None
             except Exception as jit_exc:  # noqa: BLE001 - any compiler failure: report it
                 _error += f"; JIT build (CORP_JIT_BUILD=1) failed: {type(jit_exc).__name__}: {jit_exc}"
-    if _module is not None:
-        _register_fake()
 
 
 def build_record() -> Optional[dict]:
@@ -147,9 +139,7 @@ def require(device: Optional[torch.device] = None) -> None:
         raise RuntimeError(f"the compiled solver runs on CPU and CUDA tensors, not on {device}")
 
 
-def ridge_solve(
-    matrix: torch.Tensor, rhs: torch.Tensor, damping: torch.Tensor, max_retries: int, growth: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``torch.ops.corp.ridge_solve``: ``(solution, damping_used, ok)``; see csrc/ridge_solve.cpp."""
+def module():
+    """The loaded extension (``ridge_solve_cpu``, ``ridge_solve_cuda``, ``cpu_isa``, ...); RuntimeError if absent."""
     require()
-    return torch.ops.corp.ridge_solve(matrix, rhs, damping, max_retries, growth)
+    return _module

@@ -37,7 +37,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import DEFAULT_ATTN_RIDGE, DEFAULT_MLP_RIDGE, __version__
-    from .backends import BACKENDS
+    from .ops import BACKENDS
 
     parser = argparse.ArgumentParser(prog="corp", description="One-shot CORP pruning of timm Vision Transformers.")
     parser.add_argument("--version", action="version", version=f"corp {__version__}")

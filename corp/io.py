@@ -13,7 +13,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .adapters import block_widths, build_architecture, describe_architecture
+from .models import adapter_for, adapter_named
 
 __all__ = ["save_pretrained", "load_pretrained", "load_model", "is_corp_dir", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -39,20 +39,22 @@ def _is_plain(value: Any) -> bool:
 
 
 def _model_config(model: nn.Module) -> dict[str, Any]:
+    adapter = adapter_for(model)
     corp_config = getattr(model, "corp_config", None) or {}
     arch = corp_config.get("architecture")
     if arch is None or "error" in arch:
         if arch is not None and "error" in arch:
             raise ValueError(f"cannot save this model: {arch['error']}")
-        arch = describe_architecture(model)
+        arch = adapter.describe(model)
     pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "corp_version": __version__,
         "base_model": pretrained_cfg.get("architecture") if isinstance(pretrained_cfg, dict) else None,
+        "family": adapter.name,
         "architecture": arch,
-        "blocks": block_widths(model),
+        "blocks": adapter.block_widths(model),
         "dense_blocks": corp_config.get("dense_blocks"),
         "pruning": corp_config.get("pruning"),
         "pretrained_cfg": _jsonable(dict(pretrained_cfg)) if isinstance(pretrained_cfg, dict) else {},
@@ -93,7 +95,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
     target = Path(directory)
     config = _model_config(model)
     # Rebuild the skeleton now: a config that cannot reproduce the model fails here, not at load time.
-    skeleton = build_architecture(config["architecture"], config["blocks"])
+    skeleton = adapter_named(config["family"]).build(config["architecture"], config["blocks"])
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     actual = {k: tuple(v.shape) for k, v in state.items()}
@@ -141,7 +143,8 @@ def load_pretrained(directory: str | os.PathLike, device: Optional[torch.device 
         raise ValueError(
             f"{directory} was written by a newer corp (format {config['format_version']}); upgrade corp to load it"
         )
-    model = build_architecture(config["architecture"], config["blocks"])
+    # saves of corp 0.1.0 name no family: they are all timm ViTs
+    model = adapter_named(config.get("family", "timm_vit")).build(config["architecture"], config["blocks"])
     state = load_file(str(directory / WEIGHTS_NAME))
     model.load_state_dict(state, strict=True)
     model.pretrained_cfg = dict(config.get("pretrained_cfg") or {})

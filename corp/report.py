@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 import torch.nn as nn
 
-__all__ = ["BlockReport", "PruneReport", "count_parameters", "count_flops"]
+__all__ = ["BlockReport", "PruneReport", "count_parameters", "count_flops", "measure_block_errors"]
 
 
 @dataclass
@@ -33,6 +34,23 @@ class BlockReport:
     seconds_statistics: float = 0.0
     seconds_selection: float = 0.0
     seconds_solve: float = 0.0
+
+    @classmethod
+    def for_block(cls, index: int, widths: dict[str, int]) -> "BlockReport":
+        """The record of a block before pruning (``widths``: the adapter's ``mlp_hidden``/``qk_dim``)."""
+        return cls(index=index, mlp_hidden_before=widths["mlp_hidden"], mlp_hidden_after=widths["mlp_hidden"],
+                   qk_dim_before=widths["qk_dim"], qk_dim_after=widths["qk_dim"])
+
+    def add_part(self, name: str, result) -> None:
+        """Record a pruned part (:class:`corp.parts.PrunedPart`) of this block."""
+        if name == "attn":
+            self.qk_dim_after = result.width
+            self.attn_damping, self.attn_relative_damping = result.damping, result.relative_damping
+        else:
+            self.mlp_hidden_after = result.width
+            self.mlp_damping, self.mlp_relative_damping = result.damping, result.relative_damping
+        self.seconds_selection += result.seconds_selection
+        self.seconds_solve += result.seconds_fit
 
 
 @dataclass
@@ -136,29 +154,44 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def count_flops(model: nn.Module) -> int:
-    """Analytic FLOPs (2 × multiply-adds) for one image at the model's native size.
+    """Analytic FLOPs (2 × multiply-adds) for one image at the model's native size, as the model's
+    adapter counts them (timm ViT: patch embedding, every Linear of the blocks and heads, and the
+    two attention matmuls at their logical widths; norms, activations and softmax left out).
+    Works for the dense and the pruned models alike."""
+    from .models import adapter_for
 
-    Counts the patch embedding, every Linear of the blocks and heads, and the two
-    attention matmuls at their logical widths (q/k width ``qk_dim`` per head,
-    whether or not the kernel pads it). Norms, activations and softmax are left
-    out. Works for the dense and the pruned models alike.
+    return adapter_for(model).count_flops(model)
+
+
+def _relative_error(outputs: list[torch.Tensor], reference: list[torch.Tensor], dp) -> float:
+    """``‖outputs − reference‖ / ‖reference‖`` over all batches of all ranks."""
+    num = sum(float(torch.linalg.vector_norm((o - r).float())) ** 2 for o, r in zip(outputs, reference))
+    den = sum(float(torch.linalg.vector_norm(r.float())) ** 2 for r in reference)
+    num, den = dp.sum_float(num), dp.sum_float(den)
+    return (num / max(den, 1e-300)) ** 0.5
+
+
+def measure_block_errors(adapter, block: nn.Module, inputs: list[torch.Tensor], outputs: list[torch.Tensor],
+                         dense_outputs: list[torch.Tensor], dense: dict[str, nn.Module],
+                         plain: dict[str, nn.Module], dp) -> tuple[float, float]:
+    """The pruned block's output error on the report ``inputs``, with and without compensation.
+
+    Args:
+        block: the pruned block; ``outputs``: its outputs on ``inputs`` (``(B, T, D)`` each).
+        dense_outputs: the dense block's outputs on ``inputs`` (computed here when empty).
+        dense: the block's dense part modules; ``plain``: the uncompensated pruned part modules
+            (the same selection, no fit; empty when the run did not compensate).
+
+    Returns:
+        ``(error_compensated, error_uncompensated)``, each ``‖y − y_dense‖ / ‖y_dense‖``.
     """
-    from .adapters import count_tokens
-    from .modules import PrunedAttention
+    from .streams import swapped
 
-    pe = model.patch_embed
-    tokens = count_tokens(model, tuple(pe.img_size))
-    patches = tokens - model.num_prefix_tokens
-    conv = pe.proj
-    flops = 2 * patches * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
-    for block in model.blocks:
-        attn = block.attn
-        qk = attn.qk_dim if isinstance(attn, PrunedAttention) else attn.head_dim
-        for linear in (attn.qkv, attn.proj, block.mlp.fc1, block.mlp.fc2):
-            flops += 2 * tokens * linear.in_features * linear.out_features
-        flops += 2 * attn.num_heads * tokens * tokens * (qk + attn.head_dim)
-    for name in ("head", "head_dist"):
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Linear):
-            flops += 2 * head.in_features * head.out_features
-    return flops
+    if not dense_outputs:
+        with swapped(adapter, block, dense):
+            dense_outputs = [block(x) for x in inputs]
+    compensated = _relative_error(outputs, dense_outputs, dp)
+    if not plain:
+        return compensated, compensated
+    with swapped(adapter, block, plain):
+        return compensated, _relative_error([block(x) for x in inputs], dense_outputs, dp)

@@ -1,212 +1,141 @@
-"""Calibration statistics: streaming accumulators for one block.
+"""Calibration statistics: streaming fp64 accumulators for one block's parts.
 
-Two statistics feed CORP (see ``../shared/CORP.md``):
+* :class:`MLPStatistics`: token count ``n``, column sums ``Σ h`` and the Gram
+  ``Σ h hᵀ`` of the hidden activations ``h`` (CORP.md); with ``cross=True`` also
+  the dense stream's ``Σ h_dense`` and ``Σ h_dense ĥᵀ`` (error-correcting fits).
+* :class:`AttentionStatistics`: per head ``GQ = Σ q qᵀ``, ``GK = Σ k kᵀ``,
+  ``e_j = Σ q_j² k_j²``; with ``centre_keys=True`` also
+  ``Σ_b s_b s_bᵀ / T_b`` (key sums per image) so that :meth:`~AttentionStatistics.key_gram`
+  is the Gram of per-image-centred keys (:mod:`corp.fit`); with ``cross=True``
+  the cross Grams ``Σ q̂ qᵀ``, ``Σ k k̂ᵀ`` of the pruned and dense streams.
 
-* MLP: token count ``n``, column sums ``s = Σ h`` (D_h) and the Gram matrix
-  ``G = Σ h hᵀ`` (D_h × D_h) of the hidden activations ``h = act(fc1(x))``.
-* Attention, per head, from the qkv projection output before any scaling:
-  ``GQ = Σ q qᵀ``, ``GK = Σ k kᵀ`` (d × d, uncentred) and the score vector
-  ``e_j = Σ q_j² k_j²`` (q and k of the same token).
-
-Every update multiplies in the input precision upcast to fp32 (fp64 stays
-fp64) over one chunk of tokens, and adds the chunk's result into fp64 accumulators: sums over 10⁵–10⁶
-tokens lose digits in plain fp32.
-
-The per-chunk functions ``gram_update_`` and ``attention_stats_update_`` are
-the swappable kernels: this module holds their PyTorch reference, which is the
-CPU path and the oracle of the tests; ``backend="triton"`` runs the Triton
-kernels of :mod:`corp.kernels` behind the same signatures (also registered as
-the custom ops ``torch.ops.corp.gram_update_`` and
-``torch.ops.corp.attention_stats_update_``, see :mod:`corp.kernels.ops`).
+Updates go through the :class:`~corp.ops.Kernels` of the run (``corp::gram_update_``,
+``corp::attention_stats_update_``). :meth:`reduce_` sums a statistic over
+distributed ranks; :meth:`check_finite` refuses NaN/Inf.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-__all__ = [
-    "resolve_stats_backend",
-    "STATS_BACKENDS",
-    "gram_update_",
-    "attention_stats_update_",
-    "MLPStatistics",
-    "AttentionStatistics",
-    "GRAM_TILE",
-    "symmetrize_upper",
-]
+from .ops import Kernels
+from .reference import chunk_dtype
 
-# Column tile of the blocked upper-triangular Gram product. Computing only the
-# tiles on or above the diagonal does (k+1)/2k of the full product's work; with
-# 4 tiles of 384 on deit_small (D_h = 1536, 6304 tokens) it took 62 ms against
-# 91 ms for the full `h.T @ h` on this project's 2-core CPU; smaller tiles lose
-# more to matmul efficiency than they save.
-GRAM_TILE = 384
+__all__ = ["MLPStatistics", "AttentionStatistics", "qk_heads", "key_outer_update_", "centred_key_gram"]
 
 
-STATS_BACKENDS = ("torch", "triton")
+def qk_heads(qkv: torch.Tensor, num_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k of a qkv chunk ``(B, T, 3·H·d)`` (or ``(T, 3·H·d)``: one image) as ``(B, H, T, d)``,
+    in the chunk precision (fp32, or fp64 for fp64 input)."""
+    if qkv.dim() == 2:
+        qkv = qkv[None]
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must be (B, T, 3·H·d) with one image per row of B, got {tuple(qkv.shape)}")
+    if qkv.shape[-1] != 3 * num_heads * head_dim:
+        raise ValueError(f"qkv width {qkv.shape[-1]} is not 3·{num_heads}·{head_dim}")
+    b, t, _ = qkv.shape
+    x = qkv.reshape(b, t, 3, num_heads, head_dim).to(chunk_dtype(qkv))
+    return x[:, :, 0].transpose(1, 2), x[:, :, 1].transpose(1, 2)
 
 
-def _chunk_dtype(x: torch.Tensor) -> torch.dtype:
-    """Per-chunk products run in fp32 (bf16/fp16 upcast), or fp64 for fp64 inputs."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def resolve_stats_backend(requested: str, device: torch.device) -> str:
-    """The statistics implementation for a ``corp.prune(backend=...)`` name (see :mod:`corp.backends`).
-
-    ``"triton"`` when asked for and usable (CUDA tensors, or CPU tensors under
-    Triton's interpreter, ``TRITON_INTERPRET=1``), else RuntimeError;
-    ``"auto"``/``"compiled"``: ``"triton"`` on CUDA GPUs of compute capability
-    8.0 or newer (the GPUs Triton targets) when triton imports, else
-    ``"torch"`` (always on the CPU); ``"torch"``: the reference.
-    """
-    device = torch.device(device)
-    if requested == "torch":
-        return "torch"
-    if requested == "triton":
-        from .kernels import interpreter_requested, triton_available
-
-        if not triton_available():
-            raise RuntimeError(
-                "backend='triton' needs the triton package: pip install triton "
-                "(CUDA builds of torch ship with it); or use backend='auto' or 'torch'"
-            )
-        if device.type != "cuda" and not interpreter_requested():
-            raise RuntimeError(
-                f"backend='triton' runs its kernels on CUDA devices (got {device.type}); on the CPU they run "
-                "only in Triton's interpreter: set TRITON_INTERPRET=1 before importing triton"
-            )
-        return "triton"
-    if device.type == "cuda" and torch.cuda.is_available():  # "auto", "compiled": the fastest available
-        from .kernels import triton_available
-
-        if torch.cuda.get_device_capability(device) >= (8, 0) and triton_available():
-            return "triton"
-    return "torch"
-
-
-def gram_update_(gram: torch.Tensor, colsum: torch.Tensor, x: torch.Tensor, backend: str = "torch") -> None:
-    """Add one chunk's Gram matrix and column sums into fp64 accumulators.
+@torch.no_grad()
+def key_outer_update_(key_outer: torch.Tensor, qkv: torch.Tensor, num_heads: int, head_dim: int) -> None:
+    """Add ``Σ_b s_b s_bᵀ / T_b`` (``s_b = Σ_{j∈b} k_j``, per head) into an fp64 accumulator.
 
     Args:
-        gram: ``(D, D)`` float64 accumulator. Its upper triangle (diagonal
-            included) receives the chunk's Gram; the strict lower triangle holds
-            unspecified values and must be ignored by the caller (see
-            :func:`symmetrize_upper`).
-        colsum: ``(D,)`` float64 accumulator of column sums.
-        x: ``(..., D)`` activations in fp32, bf16 or fp16, any strides.
-        backend: ``"torch"`` (blocked upper-triangular matmuls) or
-            ``"triton"`` (:mod:`corp.kernels.gram`: on CUDA through the custom op
-            ``torch.ops.corp.gram_update_``, on the CPU in Triton's interpreter).
+        key_outer: ``(H, d, d)`` float64 accumulator.
+        qkv: ``(B, T, 3·H·d)`` fused qkv output, one image per row of B with all its
+            T tokens (``(T, 3·H·d)`` is one image); products in fp32 (fp64 for fp64 input).
     """
-    if backend == "triton":
-        if x.device.type == "cuda":
-            from .kernels import ops  # noqa: F401  (registers torch.ops.corp.*)
-
-            torch.ops.corp.gram_update_(gram, colsum, x)
-        else:
-            from .kernels.gram import gram_update_triton_
-
-            gram_update_triton_(gram, colsum, x)
-        return
-    if backend != "torch":
-        raise ValueError(f"unknown statistics backend {backend!r}")
-    d = x.shape[-1]
-    if gram.shape != (d, d) or colsum.shape != (d,):
-        raise ValueError(f"accumulator shapes {tuple(gram.shape)}, {tuple(colsum.shape)} do not match D={d}")
-    x2 = x.reshape(-1, d).to(_chunk_dtype(x))
-    # chunk sums in the chunk's precision (torch sums pairwise), fp64 across chunks; asking
-    # sum() for an fp64 result directly cost 7x more (0.67 s of an 8.3 s deit_small run)
-    colsum += x2.sum(dim=0).to(torch.float64)
-    for start in range(0, d, GRAM_TILE):
-        stop = min(start + GRAM_TILE, d)
-        # rows [start, stop) × columns [start, d): the tiles on or above the diagonal
-        tile = x2[:, start:stop].T @ x2[:, start:]
-        gram[start:stop, start:] += tile.to(torch.float64)
+    _, k = qk_heads(qkv, num_heads, head_dim)  # (B, H, T, d)
+    if key_outer.shape != (num_heads, head_dim, head_dim):
+        raise ValueError(f"key_outer must be ({num_heads}, {head_dim}, {head_dim}), got {tuple(key_outer.shape)}")
+    t = k.shape[2]
+    mean = k.mean(dim=2).transpose(0, 1)  # (H, B, d): s_b / T
+    # Σ_b s_b s_bᵀ / T = T · Σ_b k̄_b k̄_bᵀ, as one batched product over heads
+    key_outer += (torch.bmm(mean.transpose(1, 2), mean) * t).to(torch.float64)
 
 
-def attention_stats_update_(
-    gram_q: torch.Tensor,
-    gram_k: torch.Tensor,
-    score: torch.Tensor,
-    qkv: torch.Tensor,
-    num_heads: int,
-    head_dim: int,
-    backend: str = "torch",
-) -> None:
-    """Add one chunk's per-head query/key statistics into fp64 accumulators.
-
-    Args:
-        gram_q: ``(H, d, d)`` float64, accumulates ``Σ q qᵀ`` per head.
-        gram_k: ``(H, d, d)`` float64, accumulates ``Σ k kᵀ`` per head.
-        score: ``(H, d)`` float64, accumulates ``Σ q_j² k_j²`` per head.
-        qkv: ``(..., 3·H·d)`` output of the fused qkv projection, laid out as
-            timm's ``Attention`` does: ``[q heads | k heads | v heads]``.
-        num_heads: H.
-        head_dim: d.
-        backend: ``"torch"`` (batched matmuls over heads) or ``"triton"``
-            (:mod:`corp.kernels.attention_stats`: on CUDA through the custom op
-            ``torch.ops.corp.attention_stats_update_``, on the CPU in Triton's interpreter).
-    """
-    if backend == "triton":
-        if qkv.device.type == "cuda":
-            from .kernels import ops  # noqa: F401  (registers torch.ops.corp.*)
-
-            torch.ops.corp.attention_stats_update_(gram_q, gram_k, score, qkv, num_heads, head_dim)
-        else:
-            from .kernels.attention_stats import attention_stats_update_triton_
-
-            attention_stats_update_triton_(gram_q, gram_k, score, qkv, num_heads, head_dim)
-        return
-    if backend != "torch":
-        raise ValueError(f"unknown statistics backend {backend!r}")
-    h, d = num_heads, head_dim
-    if qkv.shape[-1] != 3 * h * d:
-        raise ValueError(f"qkv width {qkv.shape[-1]} is not 3·{h}·{d}")
-    x = qkv.reshape(-1, 3, h, d)
-    q = x[:, 0].to(_chunk_dtype(qkv)).transpose(0, 1)  # (H, N, d)
-    k = x[:, 1].to(_chunk_dtype(qkv)).transpose(0, 1)
-    gram_q += torch.bmm(q.transpose(1, 2), q).to(torch.float64)
-    gram_k += torch.bmm(k.transpose(1, 2), k).to(torch.float64)
-    score += (q * q * k * k).sum(dim=1).to(torch.float64)
+def centred_key_gram(gram_k: torch.Tensor, key_outer: torch.Tensor) -> torch.Tensor:
+    """``GK̃ = GK − Σ_b s_b s_bᵀ / T_b``: the Gram of per-image-centred keys, ``(H, d, d)``, symmetrised."""
+    if gram_k.shape != key_outer.shape:
+        raise ValueError(f"shapes differ: {tuple(gram_k.shape)} vs {tuple(key_outer.shape)}")
+    g = gram_k.to(torch.float64) - key_outer.to(torch.float64)
+    return 0.5 * (g + g.transpose(-1, -2))
 
 
-def symmetrize_upper(gram: torch.Tensor) -> torch.Tensor:
-    """Return the symmetric matrix whose upper triangle is ``gram``'s. ``(..., D, D)``."""
-    upper = torch.triu(gram)
-    return upper + torch.triu(gram, diagonal=1).transpose(-1, -2)
+def _cross_update_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc (H, d, d) += Σ_tokens a_hᵀ b_h`` per head for ``a``, ``b`` ``(B, H, T, d)``: fp32 chunk, fp64 sum."""
+    acc += (a.transpose(0, 1).flatten(1, 2).mT @ b.transpose(0, 1).flatten(1, 2)).to(torch.float64)
 
 
-class MLPStatistics:
-    """Accumulates ``n``, ``Σ h`` and ``Σ h hᵀ`` of one MLP's hidden activations.
+class _Statistics:
+    """What every statistic does besides its update: ranks' sums and the finiteness check."""
 
-    With ``full=False`` only the diagonal ``Σ h²`` is kept (all that selection
-    without compensation needs), which skips the O(D_h²) Gram work.
+    count: int
+
+    def tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def reduce_(self, dp) -> None:
+        """Sum the accumulators and the token count over the ranks of ``dp`` (:class:`corp.distributed.DataParallel`)."""
+        dp.sum_(self.tensors())
+        self.count = dp.sum_int(self.count)
+
+    def check_finite(self, where: str) -> None:
+        if not all(bool(torch.isfinite(t).all()) for t in self.tensors()):
+            raise ValueError(f"non-finite {where} statistics")
+
+
+class MLPStatistics(_Statistics):
+    """Accumulates ``n``, ``Σ h`` and ``Σ h hᵀ`` of one MLP's hidden activations ``h`` ``(..., D_h)``.
+
+    ``full=False`` keeps only ``Σ h²`` (all that energy selection without
+    compensation needs), skipping the O(D_h²) Gram work. ``cross=True`` also
+    accumulates the dense stream's ``Σ h`` and ``Σ h ĥᵀ`` (:meth:`update` then takes both).
     """
 
-    def __init__(self, hidden: int, device: torch.device, full: bool = True, backend: str = "torch"):
+    def __init__(self, hidden: int, device: torch.device, kernels: Kernels, full: bool = True, cross: bool = False):
         self.count = 0
-        self.backend = backend
-        self.full = full
+        self.kernels = kernels
+        self.full = full or cross
         self.colsum = torch.zeros(hidden, dtype=torch.float64, device=device)
         self._finalized = None  # (mean, covariance) once formed: see mean_and_covariance
-        if full:
+        if self.full:
             self.gram = torch.zeros(hidden, hidden, dtype=torch.float64, device=device)
         else:
             self.sq_sum = torch.zeros(hidden, dtype=torch.float64, device=device)
+        self.dense_sum = torch.zeros(hidden, dtype=torch.float64, device=device) if cross else None
+        self.cross = torch.zeros(hidden, hidden, dtype=torch.float64, device=device) if cross else None
 
     @torch.no_grad()
-    def update(self, h: torch.Tensor) -> None:
-        """Add hidden activations ``h`` of shape ``(..., D_h)``."""
+    def update(self, h: torch.Tensor, h_dense: Optional[torch.Tensor] = None) -> None:
+        """Add hidden activations ``h`` ``(..., D_h)`` (and, with ``cross``, the dense stream's ``h_dense``)."""
         if self._finalized is not None:
             raise RuntimeError("statistics already turned into a covariance: no further updates")
-        rows = h.numel() // h.shape[-1]
-        self.count += rows
+        width = h.shape[-1]
+        self.count += h.numel() // width
         if self.full:
-            gram_update_(self.gram, self.colsum, h, self.backend)
+            self.kernels.gram_update_(self.gram, self.colsum, h)
         else:
-            h2 = h.reshape(-1, h.shape[-1]).to(_chunk_dtype(h))
+            h2 = h.reshape(-1, width).to(chunk_dtype(h))
             self.colsum += h2.sum(0).to(torch.float64)
             self.sq_sum += (h2 * h2).sum(0).to(torch.float64)
+        if self.cross is not None:
+            dt = chunk_dtype(h)
+            a, b = h_dense.reshape(-1, width).to(dt), h.reshape(-1, width).to(dt)
+            self.cross += (a.T @ b).to(torch.float64)
+            self.dense_sum += a.sum(0).to(torch.float64)
+
+    @property
+    def wants_dense(self) -> bool:
+        """Whether :meth:`update` takes the dense stream's activations too."""
+        return self.cross is not None
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [self.colsum, self.gram if self.full else self.sq_sum]
+        return out + ([self.cross, self.dense_sum] if self.cross is not None else [])
 
     def second_moment_diag(self) -> torch.Tensor:
         """``E[h_j²]`` per channel, ``(D_h,)`` float64."""
@@ -217,7 +146,7 @@ class MLPStatistics:
         return diag / self.count
 
     def mean_and_covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``μ = s/n`` ``(D_h,)`` and ``Σ = G/n − μμᵀ`` ``(D_h, D_h)``, float64.
+        """``μ = s/n`` ``(D_h,)`` and ``Σ = G/n − μμᵀ`` ``(D_h, D_h)``, float64.
 
         The covariance is formed in the Gram's own storage (one D_h² temporary
         instead of four: 210 MB each at D_h = 5120), so the statistics accept no
@@ -237,30 +166,61 @@ class MLPStatistics:
             self._finalized = (mean, g)
         return self._finalized
 
-    def all_finite(self) -> bool:
-        acc = self.gram if self.full else self.sq_sum  # (the covariance, once formed)
-        return bool(torch.isfinite(acc).all() and torch.isfinite(self.colsum).all())
+    def dense_mean_and_cross_covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``μ_h`` ``(D_h,)`` of the dense stream and ``Cov(h, ĥ)`` ``(D_h, D_h)`` (rows dense), float64."""
+        mean_hat, _ = self.mean_and_covariance()
+        mean_dense = self.dense_sum / self.count
+        return mean_dense, self.cross / self.count - torch.outer(mean_dense, mean_hat)
 
 
-class AttentionStatistics:
-    """Accumulates per-head ``Σ q qᵀ``, ``Σ k kᵀ`` and ``Σ q_j² k_j²`` for one attention."""
+class AttentionStatistics(_Statistics):
+    """Accumulates per-head ``Σ q qᵀ``, ``Σ k kᵀ`` ``(H, d, d)`` and ``Σ q_j² k_j²`` ``(H, d)`` of one attention.
 
-    def __init__(self, num_heads: int, head_dim: int, device: torch.device, backend: str = "torch"):
+    ``centre_keys``: also ``Σ_b s_b s_bᵀ / T_b``, so :meth:`key_gram` is the Gram of
+    per-image-centred keys. ``cross``: also ``Σ q̂ qᵀ`` and ``Σ k k̂ᵀ`` between the
+    pruned (hat) and dense streams, keys centred like :meth:`key_gram`'s.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, device: torch.device, kernels: Kernels,
+                 centre_keys: bool = False, cross: bool = False):
         self.num_heads, self.head_dim = num_heads, head_dim
-        self.backend = backend
+        self.kernels = kernels
         self.count = 0
-        self.gram_q = torch.zeros(num_heads, head_dim, head_dim, dtype=torch.float64, device=device)
+        self.centre_keys = centre_keys
+        shape = (num_heads, head_dim, head_dim)
+        self.gram_q = torch.zeros(shape, dtype=torch.float64, device=device)
         self.gram_k = torch.zeros_like(self.gram_q)
         self.score = torch.zeros(num_heads, head_dim, dtype=torch.float64, device=device)
+        self.key_outer = torch.zeros_like(self.gram_q) if centre_keys else None
+        self.cross_q = torch.zeros_like(self.gram_q) if cross else None
+        self.cross_k = torch.zeros_like(self.gram_q) if cross else None
 
     @torch.no_grad()
-    def update(self, qkv: torch.Tensor) -> None:
-        """Add the qkv projection output ``(..., 3·H·d)``."""
+    def update(self, qkv: torch.Tensor, qkv_dense: Optional[torch.Tensor] = None) -> None:
+        """Add a qkv projection output ``(B, T, 3·H·d)`` (and, with ``cross``, the dense stream's)."""
+        h, d = self.num_heads, self.head_dim
         self.count += qkv.numel() // qkv.shape[-1]
-        attention_stats_update_(self.gram_q, self.gram_k, self.score, qkv, self.num_heads, self.head_dim, self.backend)
+        self.kernels.attention_stats_update_(self.gram_q, self.gram_k, self.score, qkv, h, d)
+        if self.key_outer is not None:
+            key_outer_update_(self.key_outer, qkv, h, d)
+        if self.cross_q is not None:
+            q_hat, k_hat = qk_heads(qkv, h, d)
+            q_dense, k_dense = qk_heads(qkv_dense, h, d)
+            if self.centre_keys:
+                k_hat = k_hat - k_hat.mean(2, keepdim=True)
+                k_dense = k_dense - k_dense.mean(2, keepdim=True)
+            _cross_update_(self.cross_q, q_hat, q_dense)
+            _cross_update_(self.cross_k, k_dense, k_hat)
 
-    def all_finite(self) -> bool:
-        return bool(
-            torch.isfinite(self.gram_q).all() and torch.isfinite(self.gram_k).all() and torch.isfinite(self.score).all()
-        )
+    @property
+    def wants_dense(self) -> bool:
+        """Whether :meth:`update` takes the dense stream's qkv too."""
+        return self.cross_q is not None
 
+    def tensors(self) -> list[torch.Tensor]:
+        extra = [t for t in (self.key_outer, self.cross_q, self.cross_k) if t is not None]
+        return [self.gram_q, self.gram_k, self.score] + extra
+
+    def key_gram(self) -> torch.Tensor:
+        """The key Gram the logit fit uses: centred per image with ``centre_keys``, else ``Σ k kᵀ``."""
+        return centred_key_gram(self.gram_k, self.key_outer) if self.key_outer is not None else self.gram_k

@@ -23,7 +23,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
-#include <torch/library.h>
+#include <torch/extension.h>  // pybind11 casters for at::Tensor
 
 #include <algorithm>
 #include <cmath>
@@ -271,28 +271,23 @@ Result ridge_solve_cuda(const Tensor& matrix, const Tensor& rhs, const Tensor& d
 }  // namespace
 }  // namespace corp
 
-TORCH_LIBRARY(corp, m) {
-  // The fake (meta) implementation is registered in Python by corp._compiled.
-  m.set_python_module("corp._compiled");
-  m.def(
-      "ridge_solve(Tensor matrix, Tensor rhs, Tensor damping, int max_retries=8, float growth=10.0) -> "
-      "(Tensor solution, Tensor damping, Tensor ok)");
-}
-
-TORCH_LIBRARY_IMPL(corp, CPU, m) { m.impl("ridge_solve", &corp::ridge_solve_cpu); }
-
-#ifdef CORP_WITH_CUDA
-TORCH_LIBRARY_IMPL(corp, CUDA, m) { m.impl("ridge_solve", &corp::ridge_solve_cuda); }
-#endif
+// The op corp::ridge_solve (schema, fake, dispatch) is registered in Python by corp/ops.py;
+// this extension only exposes its kernels.
 
 #ifndef TORCH_EXTENSION_NAME
 #define TORCH_EXTENSION_NAME _C
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.doc() = "corp compiled solver: registers the torch.ops.corp.ridge_solve custom op";
+  mod.doc() = "corp compiled solver: CPU and CUDA kernels of corp::ridge_solve (registered by corp/ops.py)";
+  mod.def("ridge_solve_cpu", &corp::ridge_solve_cpu, "batched damped Cholesky solve on CPU tensors",
+          pybind11::arg("matrix"), pybind11::arg("rhs"), pybind11::arg("damping"), pybind11::arg("max_retries") = 8,
+          pybind11::arg("growth") = 10.0);
 #ifdef CORP_WITH_CUDA
   mod.attr("with_cuda") = true;
+  mod.def("ridge_solve_cuda", &corp::ridge_solve_cuda, "batched damped Cholesky solve on CUDA tensors",
+          pybind11::arg("matrix"), pybind11::arg("rhs"), pybind11::arg("damping"), pybind11::arg("max_retries") = 8,
+          pybind11::arg("growth") = 10.0);
 #else
   mod.attr("with_cuda") = false;
 #endif

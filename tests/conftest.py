@@ -24,10 +24,11 @@ def digits_data():
 
 @pytest.fixture(scope="session")
 def digits_model(digits_data):
-    """The demo's digits ViT, trained deterministically once per test run (no cache)."""
-    from corp.demo import TRAIN_SETTINGS, train_digits_vit
+    """The demo's digits ViT: trained deterministically once per machine and cached under a hash of
+    the training code (corp.demo.training_key), so a fresh machine trains it and later runs load it."""
+    from corp.demo import digits_vit
 
-    return train_digits_vit(digits_data, **TRAIN_SETTINGS)
+    return digits_vit(digits_data, cache=True)
 
 
 def tiny_vit(**overrides):

@@ -1,4 +1,4 @@
-"""Non-uniform sparsity from a global budget.
+"""Non-uniform sparsity from a global budget: measured error curves, a cost model, an allocation.
 
 Given, for every block and kind (MLP hidden channels, attention query/key dims),
 the measured block-output error after compensation at each sparsity of a grid,
@@ -22,6 +22,9 @@ Pieces:
   fraction; :func:`allocation_to_sparsities` maps indices back to per-block
   ``mlp_sparsity`` / ``attn_sparsity`` lists.
 - :func:`uniform_reference`: the uniform sparsity that removes the same budget.
+- :func:`measure_error_curves` / :func:`allocate_from_errors`: the pre-pass of
+  ``corp.prune(budget=...)`` that measures every block's compensated error on
+  :data:`BUDGET_GRID` and allocates from it.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .compensate import kept_count
+from .config import BUDGET_METRICS, PruneConfig, kept_count
 
 __all__ = [
     "METRICS",
@@ -43,9 +46,15 @@ __all__ = [
     "allocation_to_sparsities",
     "uniform_reference",
     "uniform_removed",
+    "BUDGET_GRID",
+    "budget_grid",
+    "measure_error_curves",
+    "allocate_from_errors",
 ]
 
-METRICS = ("params", "flops")
+METRICS = BUDGET_METRICS
+# Sparsities at which a budgeted run measures each block's compensated error (allocation grid).
+BUDGET_GRID = tuple(i / 16 for i in range(16))
 KINDS = ("mlp", "attn")
 
 
@@ -97,32 +106,16 @@ def removed_amount(width: int, sparsity: float, unit: int) -> int:
     """``unit`` × the number of units that pruning a fraction ``sparsity`` of ``width`` removes.
 
     ``width``: the MLP hidden width, or the query/key width per head; the count
-    uses :func:`corp.compensate.kept_count`, the pruner's own rounding, so the
+    uses :func:`corp.config.kept_count`, the pruner's own rounding, so the
     amount is what the pruned model really saves.
     """
     return (int(width) - kept_count(int(width), float(sparsity))) * int(unit)
 
 
 def _block_info(model: nn.Module) -> list[dict]:
-    from .adapters import block_widths, count_tokens
+    from .models import adapter_for
 
-    tokens = count_tokens(model, tuple(model.patch_embed.img_size))
-    infos = []
-    for block, widths in zip(model.blocks, block_widths(model)):
-        attn, fc1 = block.attn, block.mlp.fc1
-        infos.append(
-            dict(
-                embed_dim=fc1.in_features,
-                mlp_hidden=widths["mlp_hidden"],
-                num_heads=attn.num_heads,
-                head_dim=attn.head_dim,
-                qk_dim=widths["qk_dim"],
-                tokens=tokens,
-                qkv_bias=attn.qkv.bias is not None,
-                mlp_bias=fc1.bias is not None,
-            )
-        )
-    return infos
+    return adapter_for(model).block_costs(model)
 
 
 def model_total(model: nn.Module, metric: str = "params") -> int:
@@ -138,7 +131,7 @@ def cost_table(model: nn.Module, grid: torch.Tensor | Sequence[float], metric: s
     """``removed`` for :func:`allocate`: ``(2L, K)`` float64, what group ``g`` removes at grid point ``k``.
 
     Rows ``0 .. L-1``: MLP of each block; rows ``L .. 2L-1``: attention. Widths
-    are the model's current ones (``corp.adapters.block_widths``). A grid point
+    are the model's current ones (the adapter's ``widths``). A grid point
     that would keep no channel (or no query/key dim) is refused with ValueError.
     """
     grid = torch.as_tensor(grid, dtype=torch.float64).flatten()
@@ -446,3 +439,70 @@ def uniform_reference(
             return p
     raise ValueError(f"budget {budget:.4%} is unreachable by a uniform sparsity of {kinds}: at most "
                      f"{best_reach / total:.4%}")
+
+
+# --------------------------------------------------------------------------- measured error curves
+
+
+def budget_grid(adapter, blocks) -> list[float]:
+    """The points of :data:`BUDGET_GRID` that keep at least one channel and q/k dim in every block."""
+    return [p for p in BUDGET_GRID
+            if all(kept_count(adapter.mlp(b).hidden, p) >= 1 and kept_count(adapter.attention(b).head_dim, p) >= 1
+                   for b in blocks)]
+
+
+@torch.no_grad()
+def measure_error_curves(run, states, report_batches: int) -> torch.Tensor:
+    """Budget pre-pass: every block's compensated output error at every grid sparsity.
+
+    The dense model runs once over the calibration states (statistics as in
+    ``propagate="dense"``); each block is then pruned at every grid point, MLP and
+    attention separately, with the paper's fit and selection (the fits of one block
+    cost a fraction of its statistics), and its squared relative output error on the
+    report batches is measured against the dense block. ``run``: the pipeline's run
+    (adapter, blocks, kernels, ranks, block loader); ``states``: the embedded
+    calibration states (left open). Returns ``(2L, K)``: rows 0..L−1 the MLPs,
+    L..2L−1 the attentions (this module's group order).
+    """
+    from .fit import FitContext
+    from .parts import part_pruners
+    from .report import measure_block_errors
+    from .streams import DenseStream, swapped
+
+    adapter, blocks, dp = run.adapter, run.blocks, run.dp
+    grid = budget_grid(adapter, blocks)
+    depth = len(blocks)
+    errors = torch.zeros(2 * depth, len(grid), dtype=torch.float64)
+    paper = PruneConfig.create(method="paper", ridge=run.config.ridge, attn_ridge=run.config.attn_ridge)
+    pruners = part_pruners(paper, run.kernels)
+    stream = DenseStream(states, adapter, dp, report_batches, owns_states=False)
+    for i in range(depth):
+        block = run.load_block(i, copy_always=True)
+        dense = {"attn": adapter.attention(block).module, "mlp": adapter.mlp(block).module}
+        stats = {name: p.statistics(adapter, block) for name, p in pruners.items()}
+        inputs = stream.report_inputs()
+        stream.begin(block, i, stats, dense)
+        reference = stream.dense_outputs
+        ctx = FitContext(run.kernels, dp)
+        for name in ("mlp", "attn"):
+            stats[name].reduce_(dp)
+            row = i if name == "mlp" else depth + i
+            for k, p in enumerate(grid):
+                if p == 0:
+                    continue
+                module = pruners[name].prune(adapter, block, stats[name], p, ctx).module
+                with swapped(adapter, block, {name: module}):
+                    err, _ = measure_block_errors(adapter, block, inputs, [block(x) for x in inputs], reference,
+                                                  dense, {}, dp)
+                errors[row, k] = err ** 2
+        stream.advance(block)
+        del block, stats
+    stream.close()
+    return errors
+
+
+def allocate_from_errors(run, states, report_batches: int) -> tuple[list[float], list[float]]:
+    """Measure the error curves (:func:`measure_error_curves`) and allocate ``run.config.budget``."""
+    errors = measure_error_curves(run, states, report_batches)
+    grid = budget_grid(run.adapter, run.blocks)
+    return allocate_model(run.model, errors, grid, run.config.budget, run.config.budget_metric)

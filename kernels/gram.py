@@ -2,7 +2,7 @@
 
 ``gram_update_triton_(gram, colsum, x)`` adds ``xᵀx`` (upper triangle only) and
 ``Σx`` of one chunk of tokens into fp64 running accumulators, exactly what the
-PyTorch reference :func:`corp.stats.gram_update_` does.
+PyTorch reference :func:`corp.reference.gram_update_` does.
 
 Design:
 

@@ -1,11 +1,17 @@
-"""Triton kernels for the calibration statistics (see :mod:`corp.stats`).
+"""Triton kernels for the calibration statistics, one file per op.
 
-* :mod:`corp.kernels.gram`: streaming Gram (SYRK, upper tiles only) + column sums.
-* :mod:`corp.kernels.attention_stats`: per-head ``Σ q qᵀ``, ``Σ k kᵀ``,
-  ``Σ q_j² k_j²`` read straight from the fused qkv output.
-* :mod:`corp.kernels.ops`: the ``torch.library`` custom ops ``corp::gram_update_``
-  and ``corp::attention_stats_update_`` (PyTorch reference on the CPU, Triton
-  on CUDA, fake implementations for tracing).
+This folder is the top-level ``kernels/`` of the repository, installed as the
+package ``corp.kernels`` (setup.py ``package_dir``; never as a top-level
+``kernels`` module, a name taken on PyPI).
+
+* :mod:`corp.kernels.gram`: ``corp::gram_update_``: streaming Gram (SYRK,
+  upper tiles only) + column sums.
+* :mod:`corp.kernels.attention_stats`: ``corp::attention_stats_update_``:
+  per-head ``Σ q qᵀ``, ``Σ k kᵀ``, ``Σ q_j² k_j²`` read straight from the fused
+  qkv output.
+
+The ops themselves (schemas, fakes, the PyTorch references that run on the
+CPU, these kernels on CUDA) are registered in one place, :mod:`corp.ops`.
 
 Importing this package never imports triton: the kernel modules import it
 (guarded) when first used, so ``import corp`` works without triton and
@@ -70,7 +76,7 @@ def triton_available() -> bool:
 
 
 def __getattr__(name: str):
-    # corp.kernels.gram / .attention_stats / .ops load on first attribute access.
-    if name in ("gram", "attention_stats", "ops"):
+    # corp.kernels.gram / .attention_stats load on first attribute access.
+    if name in ("gram", "attention_stats"):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,66 @@
+"""Folds: the fitted compensation written into the kept weights (CORP.md), in fp64.
+
+Model-independent: the weights come from and go back to the model through its
+adapter's part (:class:`~corp.models.base.MlpPart`, :class:`~corp.models.base.AttentionPart`),
+which builds the smaller module. Without a fit, a fold is plain structured
+pruning with the same selection.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .fit import MlpFit
+from .models.base import AttentionWeights, MlpWeights
+
+__all__ = ["fold_mlp", "fold_attention"]
+
+
+def fold_mlp(weights: MlpWeights, kept: torch.Tensor, fit: Optional[MlpFit]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The output projection of an MLP that keeps hidden channels ``kept`` ``(|S|,)``.
+
+    With a fit predicting channels ``rows`` as ``coef h_S + intercept``:
+    ``W_out' = W_out[:, S \\ rows] + W_out[:, rows] · coef`` and
+    ``b_out' = b_out + W_out[:, rows] · intercept`` (the paper: rows = P, so
+    ``W2' = W2_S + W2_P B``, ``b2' = b2 + W2_P c``; error-correcting fits predict every
+    channel, so ``W2' = W2 C``). Without a fit: ``W_out[:, S]``, ``b_out``.
+
+    Returns ``W_out'`` ``(out, |S|)`` and ``b_out'`` ``(out,)`` or None, fp64.
+    """
+    w2, b2 = weights.w_out, weights.b_out
+    new_w = w2[:, kept]
+    if fit is None or fit.rows.numel() == 0:
+        return new_w, b2
+    direct = ~torch.isin(kept, fit.rows)  # kept channels the fit does not re-predict stay as they are
+    w_rows = w2[:, fit.rows]
+    new_w = new_w * direct.to(new_w.dtype) + w_rows @ fit.coef
+    shift = w_rows @ fit.intercept
+    return new_w, (shift if b2 is None else b2 + shift)
+
+
+def fold_attention(weights: AttentionWeights, kept: torch.Tensor, correction: Optional[torch.Tensor]) -> AttentionWeights:
+    """The q/k projection of an attention keeping dims ``kept`` ``(H, s)`` of each head.
+
+    With ``A = I + M`` (``correction`` = M ``(H, s, s)``): ``W_K' = A W_K[S]``,
+    ``b_K' = A b_K[S]``, ``W_Q' = W_Q[S] · r``, ``b_Q' = b_Q[S] · r``, ``r = sqrt(|S| / d)``,
+    so that ``q'ᵀk' / sqrt(|S|) = q_Sᵀ A k_S / sqrt(d)``: the pruned module keeps the
+    dense softmax temperature. Values are unchanged.
+
+    Returns the folded :class:`AttentionWeights` (q/k ``(H, s, in)``), fp64.
+    """
+    heads, d = weights.w_q.shape[0], weights.w_q.shape[1]
+    keep = kept.shape[1]
+    rows = kept[:, :, None].expand(-1, -1, weights.w_q.shape[-1])
+    w_q, w_k = torch.gather(weights.w_q, 1, rows), torch.gather(weights.w_k, 1, rows)
+    b_q = torch.gather(weights.b_q, 1, kept) if weights.b_q is not None else None
+    b_k = torch.gather(weights.b_k, 1, kept) if weights.b_k is not None else None
+    if correction is not None:
+        a = torch.eye(keep, dtype=torch.float64, device=w_k.device) + correction
+        w_k = a @ w_k
+        if b_k is not None:
+            b_k = (a @ b_k[:, :, None])[:, :, 0]
+    r = math.sqrt(keep / d)
+    w_q, b_q = w_q * r, (b_q * r if b_q is not None else None)
+    return AttentionWeights(w_q, w_k, weights.w_v, b_q, b_k, weights.b_v)

@@ -1,0 +1,167 @@
+"""The model-adapter interface: where all knowledge of a model family lives.
+
+The pipeline sees a model only through a :class:`ModelAdapter`: its blocks, how
+to embed calibration inputs up to the first block, and, per block, two
+*parts* (attention, MLP) as :class:`AttentionPart` / :class:`MlpPart`: the
+module to swap, the sub-module whose output the statistics read, the dense
+weights as fp64 tensors, and how to build the pruned module from folded
+weights. Saving, loading and cost counting go through the adapter as well.
+A new family is a new subclass registered in :mod:`corp.models`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ["ModelAdapter", "AttentionPart", "MlpPart", "AttentionWeights", "MlpWeights", "unsupported"]
+
+
+def unsupported(path: str, module: nn.Module, why: str) -> ValueError:
+    """The error for a module corp cannot prune: names its path, its class and what is missing."""
+    return ValueError(f"unsupported module at '{path}' ({type(module).__name__}): {why}")
+
+
+@dataclass
+class AttentionWeights:
+    """One attention's q/k/v projection, fp64: ``w_*`` ``(H, d, in)``, ``b_*`` ``(H, d)`` or None."""
+
+    w_q: torch.Tensor
+    w_k: torch.Tensor
+    w_v: torch.Tensor
+    b_q: Optional[torch.Tensor]
+    b_k: Optional[torch.Tensor]
+    b_v: Optional[torch.Tensor]
+
+
+@dataclass
+class MlpWeights:
+    """One MLP's projections, fp64: ``w_in`` ``(D_h, in)``, ``w_out`` ``(out, D_h)``, biases or None."""
+
+    w_in: torch.Tensor
+    b_in: Optional[torch.Tensor]
+    w_out: torch.Tensor
+    b_out: Optional[torch.Tensor]
+
+
+@dataclass
+class AttentionPart:
+    """A block's attention as the pipeline sees it.
+
+    Attributes:
+        module: the attention module (swapped in and out with :meth:`ModelAdapter.set_part`).
+        num_heads, head_dim: H and d (the q/k width per head before pruning).
+        qkv_site: the sub-module whose output is the fused ``(B, T, 3·H·d)`` projection,
+            laid out ``[q heads | k heads | v heads]``: the statistics hook it.
+        qkv: ``qkv(x)`` computes that projection for a block input ``x`` ``(B, T, D)``
+            without running the rest of the block.
+        weights: ``weights()`` → :class:`AttentionWeights` of the dense module.
+        build: ``build(weights, qk_dim)`` → a new module with q/k width ``qk_dim``
+            (rows of ``weights.w_q``/``w_k``), values and output projection as the dense one.
+    """
+
+    module: nn.Module
+    num_heads: int
+    head_dim: int
+    qkv_site: nn.Module
+    qkv: Callable[[torch.Tensor], torch.Tensor]
+    weights: Callable[[], AttentionWeights]
+    build: Callable[[AttentionWeights, int], nn.Module]
+
+
+@dataclass
+class MlpPart:
+    """A block's MLP as the pipeline sees it.
+
+    Attributes:
+        module: the MLP module (swapped with :meth:`ModelAdapter.set_part`).
+        hidden: D_h, the number of hidden channels.
+        hidden_site: the sub-module whose output is the hidden activation ``h``
+            ``(B, T, D_h)`` that the output projection reads: the statistics hook it.
+        weights: ``weights()`` → :class:`MlpWeights` of the dense module.
+        build: ``build(kept, w_out, b_out)`` → a new module keeping hidden channels
+            ``kept`` (rows of the input projection) with output projection ``w_out``
+            ``(out, |S|)`` and bias ``b_out``.
+    """
+
+    module: nn.Module
+    hidden: int
+    hidden_site: nn.Module
+    weights: Callable[[], MlpWeights]
+    build: Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], nn.Module]
+
+
+class ModelAdapter:
+    """One model family. Subclasses implement every method; :mod:`corp.models` picks one per model."""
+
+    #: the family's name in saved configs and error messages
+    name: str = ""
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether ``model`` belongs to this family (it may still hold unsupported modules)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the model
+    def check_supported(self, model: nn.Module) -> None:
+        """Raise TypeError/ValueError naming the first module corp cannot prune."""
+        raise NotImplementedError
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        """The transformer blocks, in order (the pipeline replaces entries of this list)."""
+        raise NotImplementedError
+
+    def stem_to_(self, model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        """Move everything but the blocks to ``device``/``dtype`` (in place)."""
+        raise NotImplementedError
+
+    def check_inputs(self, model: nn.Module, batch: torch.Tensor) -> None:
+        """Raise ValueError/TypeError if ``batch`` cannot go through :meth:`embed`."""
+        raise NotImplementedError
+
+    def embed(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        """Calibration inputs → the first block's input ``(B, T, D)``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ one block
+    def attention(self, block: nn.Module) -> AttentionPart:
+        raise NotImplementedError
+
+    def mlp(self, block: nn.Module) -> MlpPart:
+        raise NotImplementedError
+
+    def set_part(self, block: nn.Module, part: str, module: nn.Module) -> None:
+        """Put ``module`` in ``block`` as its ``"attn"`` or ``"mlp"``."""
+        raise NotImplementedError
+
+    def widths(self, block: nn.Module) -> dict[str, int]:
+        """``{"mlp_hidden": D_h, "qk_dim": q/k width per head}`` of a dense or pruned block."""
+        raise NotImplementedError
+
+    def reshape_block(self, block: nn.Module, widths: dict[str, int]) -> None:
+        """Give ``block`` the widths of :meth:`widths` (new uninitialised modules, same device and dtype)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ costs, saving
+    def block_costs(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Per block: ``embed_dim, mlp_hidden, num_heads, head_dim, qk_dim, tokens, qkv_bias, mlp_bias``
+        (what :mod:`corp.budget`'s cost model needs)."""
+        raise NotImplementedError
+
+    def count_flops(self, model: nn.Module) -> int:
+        """Analytic FLOPs (2 × multiply-adds) of one input at the model's native size."""
+        raise NotImplementedError
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        """A JSON-able description from which :meth:`build` rebuilds the dense skeleton."""
+        raise NotImplementedError
+
+    def build(self, arch: dict[str, Any], widths: Optional[list[dict[str, int]]] = None) -> nn.Module:
+        """The model :meth:`describe` described, reshaped to per-block ``widths`` (weights uninitialised)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared helpers
+    def block_widths(self, model: nn.Module) -> list[dict[str, int]]:
+        return [self.widths(b) for b in self.blocks(model)]

@@ -1,0 +1,141 @@
+"""The two parts of a block, each pruned by the same four stages: statistics → select → fit → fold.
+
+:class:`AttentionPruner` and :class:`MlpPruner` compose the strategies a
+:class:`~corp.config.PruneConfig` chooses (:func:`part_pruners`) and share one
+interface: :meth:`statistics` (empty accumulators for a block) and
+:meth:`prune` (select, fit and fold from filled statistics, returning the new
+module and what the report records).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .config import PruneConfig, kept_count
+from .fit import (
+    ErrorCorrectingLogitFit,
+    FitContext,
+    MlpErrorCorrectingFit,
+    MlpFit,
+    MlpRidgeFit,
+    PerImageLogitFit,
+    SylvesterLogitFit,
+)
+from .fold import fold_attention, fold_mlp
+from .ops import Kernels
+from .select import EnergySelection, ResidualSelection
+from .stats import AttentionStatistics, MLPStatistics
+
+__all__ = ["PrunedPart", "AttentionPruner", "MlpPruner", "part_pruners", "PARTS"]
+
+PARTS = ("attn", "mlp")  # the order within a block: the MLP's statistics follow the pruned attention
+
+
+@dataclass
+class PrunedPart:
+    """A pruned part: the new module, the kept indices (for the report's uncompensated twin),
+    the width kept, and the damping used (absolute, and relative to its scale)."""
+
+    module: nn.Module
+    kept: torch.Tensor
+    width: int
+    damping: float = 0.0
+    relative_damping: float = 0.0
+    seconds_selection: float = 0.0
+    seconds_fit: float = 0.0  # the fit's solves and the fold
+
+
+_LOGIT_FITS = {"pooled": SylvesterLogitFit, "centred": SylvesterLogitFit, "per_image": PerImageLogitFit}
+
+
+class AttentionPruner:
+    """Query/key dims of every head: ``Σ qqᵀ, Σ kkᵀ`` (+ centred keys, cross Grams) → dims → M → ``A = I + M``."""
+
+    name = "attn"
+
+    def __init__(self, config: PruneConfig, kernels: Kernels, selection):
+        self.config, self.kernels, self.selection = config, kernels, selection
+        self.correcting = config.error_correcting and config.compensate
+        fit_class = ErrorCorrectingLogitFit if self.correcting else _LOGIT_FITS[config.logit_fit]
+        self.fit = fit_class(config.attn_ridge) if config.compensate else None
+
+    def statistics(self, adapter, block: nn.Module) -> AttentionStatistics:
+        part = adapter.attention(block)
+        return AttentionStatistics(part.num_heads, part.head_dim, part.qkv_site.weight.device, self.kernels,
+                                   centre_keys=self.config.centred_keys, cross=self.correcting)
+
+    def prune(self, adapter, block: nn.Module, stats: AttentionStatistics, sparsity: float,
+              ctx: FitContext) -> PrunedPart:
+        part = adapter.attention(block)
+        keep = kept_count(part.head_dim, sparsity)
+        tick = time.perf_counter()
+        kept, pruned = self.selection.select_qk(stats, keep)
+        dev = part.qkv_site.weight.device
+        kept, pruned = kept.to(dev), pruned.to(dev)
+        tock = time.perf_counter()
+        correction, lam = None, None
+        if self.fit is not None and pruned.numel():
+            correction, lam = self.fit.fit(stats, kept, pruned, ctx)
+        module = part.build(fold_attention(part.weights(), kept, correction), keep)
+        result = PrunedPart(module, kept, keep, seconds_selection=tock - tick, seconds_fit=time.perf_counter() - tock)
+        if lam is not None:
+            result.damping, result.relative_damping = float(lam.mean()), self.config.attn_ridge
+        return result
+
+    def uncompensated(self, adapter, block: nn.Module, kept: torch.Tensor) -> nn.Module:
+        """The same selection without compensation (for the report), from the dense ``block``."""
+        part = adapter.attention(block)
+        return part.build(fold_attention(part.weights(), kept, None), kept.shape[1])
+
+
+class MlpPruner:
+    """Hidden channels: ``Σ h, Σ hhᵀ`` (+ dense cross statistics) → channels → affine fit → output projection."""
+
+    name = "mlp"
+
+    def __init__(self, config: PruneConfig, kernels: Kernels, selection):
+        self.config, self.kernels, self.selection = config, kernels, selection
+        self.correcting = config.error_correcting and config.compensate
+        fit_class = MlpErrorCorrectingFit if self.correcting else MlpRidgeFit
+        self.fit = fit_class(config.ridge) if config.compensate else None
+
+    def statistics(self, adapter, block: nn.Module) -> MLPStatistics:
+        part = adapter.mlp(block)
+        full = self.fit is not None or self.selection.needs_covariance
+        device = next(part.module.parameters()).device
+        return MLPStatistics(part.hidden, device, self.kernels, full=full, cross=self.correcting)
+
+    def prune(self, adapter, block: nn.Module, stats: MLPStatistics, sparsity: float, ctx: FitContext) -> PrunedPart:
+        part = adapter.mlp(block)
+        weights = part.weights()
+        keep = kept_count(part.hidden, sparsity)
+        tick = time.perf_counter()
+        kept, pruned = self.selection.select_mlp(stats, weights, keep)
+        dev = weights.w_in.device
+        kept, pruned = kept.to(dev), pruned.to(dev)
+        tock = time.perf_counter()
+        fit: Optional[MlpFit] = None
+        if self.fit is not None and pruned.numel():
+            fit = self.fit.fit(stats, kept, pruned, ctx)
+        module = part.build(kept, *fold_mlp(weights, kept, fit))
+        result = PrunedPart(module, kept, keep, seconds_selection=tock - tick, seconds_fit=time.perf_counter() - tock)
+        if fit is not None:
+            result.damping, result.relative_damping = fit.damping, fit.relative_damping
+        return result
+
+    def uncompensated(self, adapter, block: nn.Module, kept: torch.Tensor) -> nn.Module:
+        part = adapter.mlp(block)
+        return part.build(kept, *fold_mlp(part.weights(), kept, None))
+
+
+def part_pruners(config: PruneConfig, kernels: Kernels) -> dict[str, object]:
+    """The pruner of each part, in block order, with the config's selection."""
+    if config.selection == "residual":
+        selection = ResidualSelection(config.ridge, config.attn_ridge)
+    else:
+        selection = EnergySelection()
+    return {"attn": AttentionPruner(config, kernels, selection), "mlp": MlpPruner(config, kernels, selection)}

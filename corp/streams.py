@@ -1,0 +1,347 @@
+"""Streams of calibration hidden states: which activations feed each block's statistics.
+
+* :class:`HiddenStates`: one list of hidden-state batches ``(B, T, D)``, kept on
+  the compute device, in CPU memory or in memory-mapped files
+  (:func:`choose_location`).
+* The stream strategies, one per schedule, behind one interface
+  (:class:`Stream`): :meth:`~Stream.begin` and :meth:`~Stream.fill` fill a
+  block's statistics, :meth:`~Stream.advance` moves the stream past the block.
+
+  - :class:`DenseStream` (``propagate="dense"``, the paper): statistics of every
+    part from the dense block's one forward, which is also the next block's input.
+  - :class:`PrunedStream` (``propagate="pruned"``): each part's statistics from the
+    outputs of the already-pruned blocks, collected by a partial forward after the
+    earlier parts of the block were pruned (attention first, then the MLP).
+  - :class:`TwoStreams` (``target="dense"``): the pruned stream plus the dense
+    model's own stream, whose activations are the fits' targets.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ["HiddenStates", "choose_location", "LOCATIONS", "Stream", "DenseStream", "PrunedStream", "TwoStreams",
+           "capture", "swapped"]
+
+LOCATIONS = ("auto", "device", "cpu", "disk")
+
+# "auto" keeps the states on a CUDA device while they take at most this fraction of
+# its free memory (the rest is for one block, its statistics and activations), and in
+# CPU memory while they take at most this fraction of the available RAM.
+DEVICE_FRACTION = 0.4
+RAM_FRACTION = 0.5
+
+
+def _available_ram() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def choose_location(requested: str, device: torch.device, nbytes: int) -> str:
+    """Resolve ``"auto"`` for hidden states of ``nbytes`` bytes computed on ``device``."""
+    if requested not in LOCATIONS:
+        raise ValueError(f"states must be one of {LOCATIONS}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if nbytes <= DEVICE_FRACTION * free:
+            return "device"
+    ram = _available_ram()
+    if ram is None or nbytes <= RAM_FRACTION * ram:
+        return "device" if device.type == "cpu" else "cpu"
+    return "disk"
+
+
+class HiddenStates:
+    """An ordered list of hidden-state batches ``(B, T, D)`` kept on the device, in CPU memory, or
+    in memory-mapped files under ``directory`` (one file per batch, removed by :meth:`close`)."""
+
+    def __init__(self, location: str, device: torch.device, directory: Optional[str] = None):
+        if location not in ("device", "cpu", "disk"):
+            raise ValueError(f"unknown state location {location!r}")
+        self.location, self.device = location, device
+        self._items: list[torch.Tensor] = []
+        self._dir: Optional[str] = None
+        if location == "disk":
+            os.makedirs(directory or tempfile.gettempdir(), exist_ok=True)
+            self._dir = tempfile.mkdtemp(prefix="corp-states-", dir=directory)
+
+    def spawn(self) -> "HiddenStates":
+        """An empty store in the same place (same location, device and spill directory)."""
+        parent = os.path.dirname(self._dir) if self._dir is not None else None
+        return HiddenStates(self.location, self.device, parent)
+
+    def append(self, x: torch.Tensor) -> None:
+        if self.location == "device":
+            self._items.append(x.to(self.device))
+        elif self.location == "cpu":
+            self._items.append(x.to("cpu"))
+        else:
+            path = os.path.join(self._dir, f"{len(self._items):06d}.bin")
+            nbytes = x.numel() * x.element_size()
+            storage = torch.UntypedStorage.from_file(path, shared=True, nbytes=nbytes)
+            mapped = torch.empty(0, dtype=x.dtype).set_(storage).view(x.shape)
+            mapped.copy_(x)
+            self._items.append(mapped)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        """Batch ``i`` on the compute device."""
+        return self._items[i].to(self.device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for i in range(len(self._items)):
+            yield self[i]
+
+    def raw(self) -> list[torch.Tensor]:
+        """The stored tensors as they are (for checkpointing)."""
+        return list(self._items)
+
+    @property
+    def images(self) -> int:
+        return sum(t.shape[0] for t in self._items)
+
+    @property
+    def tokens(self) -> int:
+        return sum(t.shape[0] * t.shape[1] for t in self._items)
+
+    def close(self) -> None:
+        self._items = []
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __del__(self):  # pragma: no cover - best effort for the disk files
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the statistics it needs are collected: the rest of the block is skipped."""
+
+
+@contextlib.contextmanager
+def _hook(module: nn.Module, fn, stop: bool) -> Iterator[None]:
+    def hook(_mod, _inp, out):
+        fn(out)
+        if stop:
+            raise _StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def capture(block: nn.Module, site: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output of ``site`` inside ``block(x)`` (the rest of the block is skipped)."""
+    out: list[torch.Tensor] = []
+    with _hook(site, out.append, stop=True):
+        try:
+            block(x)
+        except _StopForward:
+            pass
+    return out[0]
+
+
+@contextlib.contextmanager
+def swapped(adapter, block: nn.Module, modules: dict[str, nn.Module]):
+    """Temporarily run ``block`` with other part modules (``{"attn": ..., "mlp": ...}``)."""
+    old = {name: (adapter.attention(block) if name == "attn" else adapter.mlp(block)).module for name in modules}
+    for name, module in modules.items():
+        adapter.set_part(block, name, module)
+    try:
+        yield block
+    finally:
+        for name, module in old.items():
+            adapter.set_part(block, name, module)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    # a sum is non-finite iff an element is (or the activations overflow, just as bad):
+    # one reduction pass instead of isfinite's mask + all
+    return bool(torch.isfinite(t.sum()))
+
+
+def check_finite(ok: bool, where: str, dp) -> None:
+    """Raise on every rank if any rank saw non-finite values (a lone raise would hang the others)."""
+    if dp.any(not ok):
+        raise ValueError(f"non-finite activations (NaN or Inf) at {where}")
+
+
+def propagate(block: nn.Module, states: HiddenStates, out: HiddenStates, keep: int, where: str, dp) -> list[torch.Tensor]:
+    """Run ``block`` over every batch of ``states`` into ``out``; return the first ``keep`` outputs."""
+    finite, kept = True, []
+    for j, x in enumerate(states):
+        y = block(x)
+        finite = finite and _finite(y)
+        out.append(y)
+        if j < keep:
+            kept.append(y)
+    check_finite(finite, where, dp)
+    return kept
+
+
+# --------------------------------------------------------------------------- streams
+
+
+class Stream:
+    """One schedule of hidden states through the blocks.
+
+    Per block the pipeline calls :meth:`begin` with every part's (empty)
+    statistics, then for each part in order :meth:`fill` (before pruning that
+    part), then :meth:`advance`. ``adapter`` maps part names to the block's
+    modules; ``report_batches`` leading batches are the report's images.
+    """
+
+    def __init__(self, states: HiddenStates, adapter, dp, report_batches: int, owns_states: bool = True):
+        self.states, self.adapter, self.dp, self.report_batches = states, adapter, dp, report_batches
+        self.owns_states = owns_states  # False: the first states are the caller's and stay open
+        self.dense_outputs: list[torch.Tensor] = []  # dense block outputs of the report batches, when known
+
+    def begin(self, block: nn.Module, index: int, stats: dict, dense: dict[str, nn.Module]) -> None:
+        """Start ``block`` (``dense``: its unpruned part modules)."""
+        self.index, self.dense, self.dense_outputs = index, dense, []
+
+    def fill(self, block: nn.Module, name: str, stats) -> None:
+        """Fill part ``name``'s statistics (the block's earlier parts are pruned by now)."""
+
+    def qkv_batches(self, block: nn.Module):
+        """The attention's qkv projection over the stream's inputs to ``block`` (second passes)."""
+        part = self.adapter.attention(block)
+        return (part.qkv(x) for x in self.states)
+
+    def report_inputs(self) -> list[torch.Tensor]:
+        return [self.states[j] for j in range(self.report_batches)]
+
+    def advance(self, block: nn.Module) -> list[torch.Tensor]:
+        """Move past the pruned ``block``; return its outputs on the report batches."""
+        raise NotImplementedError
+
+    def raw(self) -> list[torch.Tensor]:
+        """The states entering the next block, as stored (for checkpoints)."""
+        return self.states.raw()
+
+    def _move_to(self, states: HiddenStates) -> None:
+        if self.owns_states:
+            self.states.close()
+        self.states, self.owns_states = states, True
+
+    def close(self) -> None:
+        if self.owns_states:
+            self.states.close()
+
+    def _sites(self, block: nn.Module, stats: dict):
+        a = self.adapter
+        sites = {"attn": lambda: a.attention(block).qkv_site, "mlp": lambda: a.mlp(block).hidden_site}
+        return [(sites[name](), st.update) for name, st in stats.items()]
+
+
+class DenseStream(Stream):
+    """The paper's schedule: the dense block's one forward fills every part's statistics and is the
+    next block's input."""
+
+    def begin(self, block, index, stats, dense):
+        super().begin(block, index, stats, dense)
+        self.next = self.states.spawn()
+        with contextlib.ExitStack() as stack:
+            for site, update in self._sites(block, stats):
+                stack.enter_context(_hook(site, update, stop=False))
+            self.dense_outputs = propagate(block, self.states, self.next, self.report_batches,
+                                           f"the output of block {index}", self.dp)
+
+    def advance(self, block):
+        pruned = [block(x) for x in self.report_inputs()] if self.report_batches else []
+        self._move_to(self.next)
+        return pruned
+
+
+class PrunedStream(Stream):
+    """Statistics from the outputs of the already-pruned blocks (SparseGPT's schedule)."""
+
+    def fill(self, block, name, stats):
+        site, update = self._sites(block, {name: stats})[0]
+        if name == "attn":  # what a hook on the qkv projection sees, without the rest of the block
+            for qkv in self.qkv_batches(block):
+                update(qkv)
+            return
+        for x in self.states:
+            update(capture(block, site, x))
+
+    def advance(self, block):
+        nxt = self.states.spawn()
+        pruned = propagate(block, self.states, nxt, self.report_batches, f"the output of block {self.index}", self.dp)
+        self._move_to(nxt)
+        return pruned
+
+
+class TwoStreams(PrunedStream):
+    """The pruned stream plus the dense model's stream (``dense_states``): statistics that want the
+    dense activations (``stats.wants_dense``) get both, batch by batch."""
+
+    def __init__(self, states: HiddenStates, dense_states: HiddenStates, adapter, dp, report_batches: int):
+        super().__init__(states, adapter, dp, report_batches)
+        self.dense_states = dense_states
+
+    def begin(self, block, index, stats, dense):
+        super().begin(block, index, stats, dense)
+        self.next_dense = None
+
+    def fill(self, block, name, stats):
+        if not stats.wants_dense:
+            super().fill(block, name, stats)
+            return
+        a = self.adapter
+        if name == "attn":  # the attention is still dense here: one qkv projection serves both streams
+            qkv = a.attention(block).qkv
+            for j, x in enumerate(self.states):
+                stats.update(qkv(x), qkv(self.dense_states[j]))
+            return
+        # the MLP: ĥ from the pruned block; h from the dense stream's one full forward, which is
+        # also that stream's next input
+        site = a.mlp(block).hidden_site
+        self.next_dense, finite = self.dense_states.spawn(), True
+        for j, x in enumerate(self.states):
+            h_hat = capture(block, site, x)
+            captured: list[torch.Tensor] = []
+            with swapped(a, block, {"attn": self.dense["attn"]}), _hook(site, captured.append, stop=False):
+                y = block(self.dense_states[j])
+            finite = finite and _finite(y)
+            self.next_dense.append(y)
+            stats.update(h_hat, captured[0])
+        check_finite(finite, f"the output of block {self.index} (dense stream)", self.dp)
+
+    def advance(self, block):
+        pruned = super().advance(block)
+        if self.next_dense is None:
+            self.next_dense = self.dense_states.spawn()
+            with swapped(self.adapter, block, self.dense):
+                propagate(block, self.dense_states, self.next_dense, 0, f"the output of block {self.index}", self.dp)
+        self.dense_states.close()
+        self.dense_states = self.next_dense
+        return pruned
+
+    def close(self) -> None:
+        super().close()
+        self.dense_states.close()
