@@ -20,7 +20,7 @@ pruned together), and at a global budget of 50% of the parameters:
 Budget block (``--budget 0.5``, ``--budget-metric params``):
 
 - ``budget-uniform``: paper at the smallest uniform sparsity that removes at least the budget
-  (``corp.allocation.uniform_reference``)
+  (``corp.budget.uniform_reference``)
 - ``budget-paper``: ``method="paper", budget=...`` (non-uniform allocation)
 - ``budget-all``: ``all`` + ``budget=...``
 - ``budget-corp``: ``method="corp", budget=...``
@@ -57,7 +57,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
 import corp  # noqa: E402
-import corp.allocation  # noqa: E402
+import corp.budget  # noqa: E402
 import corp.report  # noqa: E402
 from corp.demo import DIGITS_VIT_CONFIG, TRAIN_SETTINGS, accuracy, digits_vit, load_digits_data  # noqa: E402
 
@@ -324,7 +324,7 @@ def main(argv: Optional[list[str]] = None, print_fn: Callable[[str], None] = pri
 
         if budget_names:
             try:
-                p_uniform = corp.allocation.uniform_reference(model, args.budget, args.budget_metric)
+                p_uniform = corp.budget.uniform_reference(model, args.budget, args.budget_metric)
                 entry["uniform_reference"] = p_uniform
             except Exception as exc:
                 p_uniform = None

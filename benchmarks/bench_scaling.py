@@ -20,9 +20,10 @@ Two modes, both on the CPU with random-weight timm ViTs (``pretrained=False``):
 
       python benchmarks/bench_scaling.py --memory-check [--images 64] [--batch-size N] [--inplace]
 
-  The phase marks come from wrapping names in ``corp.engine``'s namespace inside the child
-  (``copy.deepcopy``, ``embed``, ``_prune_block``, ``prune_attention``, ``prune_mlp``); corp itself is not
-  changed, and a name the engine no longer has is skipped. glibc's ``mallinfo2`` at each mark and at the
+  The phase marks come from wrapping methods of corp's classes inside the child
+  (``copy.deepcopy`` in corp.pipeline, ``TimmViT.embed``, ``_Run.load_block`` / ``finish_block``,
+  ``AttentionPruner.prune``, ``MlpPruner.prune``); corp itself is not changed, and a name corp no
+  longer has is skipped. glibc's ``mallinfo2`` at each mark and at the
   highest sample splits the RSS into live allocations, freed memory malloc keeps, and the rest (shared
   libraries); the report ends with an accounting of the peak. ``--inplace`` runs
   ``corp.prune(..., inplace=True)`` to show what the returned copy costs.
@@ -156,17 +157,19 @@ class RSSSampler:
 
 
 def _instrument_engine(sampler: RSSSampler) -> list[str]:
-    """Put marks at corp.engine's phases by wrapping names in its namespace (corp itself is unchanged).
+    """Put marks at the pipeline's phases by wrapping methods of corp's classes in this child process
+    (corp.pipeline._Run, corp.parts, the timm adapter; corp's files are unchanged).
 
-    Returns the names wrapped; a name the engine no longer has is skipped (the engine is being
-    changed concurrently), and the timeline still has its samples.
+    Returns the names wrapped; a name corp no longer has is skipped, and the timeline still has its samples.
     """
-    import corp.engine as engine
+    import corp.models.timm_vit as timm_vit
+    import corp.parts as parts
+    import corp.pipeline as pipeline
 
     wrapped = []
 
-    def wrap(name, before, after):
-        fn = getattr(engine, name, None)
+    def wrap(owner, name, before, after):
+        fn = getattr(owner, name, None)
         if fn is None or not callable(fn):
             return
 
@@ -178,12 +181,12 @@ def _instrument_engine(sampler: RSSSampler) -> list[str]:
                 sampler.mark(after(args, kwargs))
             return out
 
-        setattr(engine, name, inner)
-        wrapped.append(name)
+        setattr(owner, name, inner)
+        wrapped.append(f"{getattr(owner, '__name__', owner)}.{name}")
 
-    copy_mod = getattr(engine, "copy", None)
+    copy_mod = getattr(pipeline, "copy", None)
     if copy_mod is not None and hasattr(copy_mod, "deepcopy"):
-        class _Copy:  # stands in for the `copy` module inside corp.engine only
+        class _Copy:  # stands in for the `copy` module inside corp.pipeline only
             @staticmethod
             def deepcopy(obj, *a, **k):
                 sampler.mark("deepcopy start")
@@ -194,7 +197,7 @@ def _instrument_engine(sampler: RSSSampler) -> list[str]:
             def __getattr__(self, item):
                 return getattr(copy_mod, item)
 
-        engine.copy = _Copy()
+        pipeline.copy = _Copy()
         wrapped.append("copy.deepcopy")
     state = {"embedded": 0}
 
@@ -202,10 +205,12 @@ def _instrument_engine(sampler: RSSSampler) -> list[str]:
         state["embedded"] += 1
         return f"embed batch {state['embedded']}"
 
-    wrap("embed", None, after_embed)
-    wrap("_prune_block", lambda a, k: f"block {a[1]} start", lambda a, k: f"block {a[1]} end")
-    wrap("prune_attention", lambda a, k: "attn solve start", lambda a, k: "attn solve end")
-    wrap("prune_mlp", lambda a, k: "mlp solve start", lambda a, k: "mlp solve end")
+    wrap(timm_vit.TimmViT, "embed", None, after_embed)
+    # a block runs from its load (copy, lazy weights, move) to finish_block (back home, checkpoint)
+    wrap(pipeline._Run, "load_block", None, lambda a, k: f"block {a[1]} start")
+    wrap(pipeline._Run, "finish_block", None, lambda a, k: f"block {a[1]} end")
+    wrap(parts.AttentionPruner, "prune", lambda a, k: "attn solve start", lambda a, k: "attn solve end")
+    wrap(parts.MlpPruner, "prune", lambda a, k: "mlp solve start", lambda a, k: "mlp solve end")
     return wrapped
 
 
@@ -490,7 +495,7 @@ def _gb(v) -> str:
 
 
 def _fmt_trace(tr: dict) -> list[str]:
-    out = ["", "RSS over time (VmRSS from /proc/self/status, sampled every 20 ms, plus marks at corp.engine's phases; "
+    out = ["", "RSS over time (VmRSS from /proc/self/status, sampled every 20 ms, plus marks at the pipeline's phases; "
                "malloc: glibc mallinfo2 at the closing mark, 'in use' = live heap + mmapped chunks, 'free held' = "
                "freed bytes malloc keeps):",
            "", "| phase (mark → mark) | t (s) | RSS at start | peak in phase | RSS at end | malloc in use | "
@@ -631,7 +636,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the printed report to this file")
     p.add_argument("--trace", action="store_true",
-                   help="table: also sample RSS and time corp.engine's phases (adds a time-breakdown table)")
+                   help="table: also sample RSS and time the pipeline's phases (adds a time-breakdown table)")
     p.add_argument("--memory-check", action="store_true", help="issue 5's ViT-H peak-RSS check (exit code 0/1)")
     p.add_argument("--inplace", action="store_true", help="memory check with corp.prune(..., inplace=True) (diagnosis)")
     p.add_argument("--memory-shape", default="h", choices=sorted(SHAPES),

@@ -2,7 +2,7 @@
 
 Prints test accuracy of CORP at 50% and 75% (MLP + attention together) for a
 grid of MLP ridge (attention ridge at its default) and of attention ridge (MLP
-ridge at its default). The defaults in corp/engine.py come from this table.
+ridge at its default). The defaults in corp/config.py come from this table.
 
 Run: python benchmarks/ridge_sweep.py [--method corp|paper]
 """

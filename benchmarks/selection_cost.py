@@ -2,8 +2,8 @@
 
 For each size, the median time of the selection is divided by the time of the
 statistics accumulation over the tokens of one calibration pass (default 64
-images × 197 tokens): ``corp.stats.gram_update_`` for the MLP (D_h × D_h Gram),
-``corp.stats.attention_stats_update_`` for attention (12 heads × 64). Activations
+images × 197 tokens): ``corp.reference.gram_update_`` for the MLP (D_h × D_h Gram),
+``corp.reference.attention_stats_update_`` for attention (12 heads × 64). Activations
 are synthetic (GELU of correlated inputs; q/k with mixed dims): timing does not
 depend on their values beyond conditioning.
 
@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from corp.selection import auto_mlp_step, select_mlp_channels_by_residual, select_qk_dims_by_residual
-from corp.stats import attention_stats_update_, gram_update_, symmetrize_upper
+from corp.select import auto_mlp_step, select_mlp_channels_by_residual, select_qk_dims_by_residual
+from corp.reference import attention_stats_update_, gram_update_, symmetrize_upper
 
 
 def _median_time(fn, repeats: int) -> float:

@@ -45,7 +45,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from .ops import Kernels
+from .ops import REFERENCE, Kernels
 from .stats import AttentionStatistics, MLPStatistics, qk_heads
 
 __all__ = [
@@ -327,7 +327,7 @@ class PerImageLogitSystem:
         diag = self._tri.diagonal()
         return self.packed[:, diag][:, :, diag].mean(dim=(1, 2))
 
-    def solve(self, ridge: float, scale: torch.Tensor, kernels: Kernels) -> tuple[torch.Tensor, torch.Tensor]:
+    def solve(self, ridge: float, scale: torch.Tensor, kernels: Kernels = REFERENCE) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Σ_b GQ_b,SS ⊗ GK̃_b,SS + λI) vec M = vec(rhs)`` by Cholesky, ``λ = damping(ridge, scale)``.
 
         Returns ``M`` ``(H, s, s)`` and the λ used ``(H,)`` (larger than asked where a

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .ops import Kernels
+from .ops import REFERENCE, Kernels
 from .reference import chunk_dtype
 
 __all__ = ["MLPStatistics", "AttentionStatistics", "qk_heads", "key_outer_update_", "centred_key_gram"]
@@ -96,7 +96,8 @@ class MLPStatistics(_Statistics):
     accumulates the dense stream's ``Σ h`` and ``Σ h ĥᵀ`` (:meth:`update` then takes both).
     """
 
-    def __init__(self, hidden: int, device: torch.device, kernels: Kernels, full: bool = True, cross: bool = False):
+    def __init__(self, hidden: int, device: torch.device, kernels: Kernels = REFERENCE, full: bool = True,
+                 cross: bool = False):
         self.count = 0
         self.kernels = kernels
         self.full = full or cross
@@ -181,7 +182,7 @@ class AttentionStatistics(_Statistics):
     pruned (hat) and dense streams, keys centred like :meth:`key_gram`'s.
     """
 
-    def __init__(self, num_heads: int, head_dim: int, device: torch.device, kernels: Kernels,
+    def __init__(self, num_heads: int, head_dim: int, device: torch.device, kernels: Kernels = REFERENCE,
                  centre_keys: bool = False, cross: bool = False):
         self.num_heads, self.head_dim = num_heads, head_dim
         self.kernels = kernels

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import corp
-from corp.allocation import (
+from corp.budget import (
     allocate,
     allocate_model,
     allocation_to_sparsities,

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from timm.layers import Attention, Mlp
 
 import corp
-from corp.compensate import attention_compensation, kept_count, prune_attention, prune_mlp, select_qk_dims
 from corp.stats import AttentionStatistics, MLPStatistics
 
 from conftest import tiny_vit
+from stages import attention_compensation, kept_count, prune_attention, prune_mlp, select_qk_dims
 
 
 @pytest.mark.parametrize("hidden,keep", [(37, 19), (64, 40)])

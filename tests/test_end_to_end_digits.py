@@ -44,7 +44,7 @@ def test_compensation_lowers_every_blocks_error_on_held_out_images(digits_model,
     """Per block, on test images never used for calibration, fed the same dense input."""
     pruned = accuracies["pruned_model"]
     plain = corp.prune(digits_model, digits_data.train_images[:256], compensate=False, **SPARSITY)
-    x = corp.adapters.embed(digits_model, digits_data.test_images)
+    x = corp.models.adapter_for(digits_model).embed(digits_model, digits_data.test_images)
     for dense_block, comp_block, plain_block in zip(digits_model.blocks, pruned.blocks, plain.blocks):
         ref = dense_block(x)
         err_comp = (comp_block(x) - ref).norm()

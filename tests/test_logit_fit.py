@@ -1,4 +1,4 @@
-"""The softmax-aware logit fits of corp.logit_fit against independent references:
+"""The softmax-aware logit fits of corp.fit against independent references:
 fp64 brute-force statistics, explicit least squares over token pairs, invariance to
 per-image key shifts, and the softmax error they are meant to reduce."""
 import math
@@ -6,15 +6,11 @@ import math
 import pytest
 import torch
 
-from corp.compensate import attention_compensation, select_qk_dims
-from corp.logit_fit import (
-    PerImageLogitSystem,
-    centred_attention_compensation,
-    centred_key_gram,
-    key_outer_update_,
-    logit_damping_scale,
-)
-from corp.stats import attention_stats_update_
+from corp.fit import PerImageLogitSystem
+from corp.reference import attention_stats_update_
+from corp.stats import centred_key_gram, key_outer_update_
+
+from stages import attention_compensation, centred_attention_compensation, logit_damping_scale, select_qk_dims
 
 F64 = torch.float64
 

@@ -1,7 +1,7 @@
 """Selection by the residual left after compensation (corp/selection.py).
 
 References are independent of the code under test: sample-level evaluation of
-the fitted compensation (fits from corp.compensate), exhaustive search over
+the fitted compensation (fits of corp.fit), exhaustive search over
 subsets, explicit token-pair logits.
 """
 from __future__ import annotations
@@ -12,15 +12,17 @@ import pytest
 import torch
 from timm.layers import Mlp
 
-from corp.compensate import attention_compensation, mlp_compensation, select_mlp_channels, select_qk_dims
-from corp.selection import (
-    _mlp_greedy,
-    _mlp_ridge_objective,
+from corp.select import _mlp_greedy, select_mlp_channels_by_residual, select_qk_dims_by_residual
+
+from stages import (
+    attention_compensation,
     mlp_compensated_error,
+    mlp_compensation,
     qk_compensated_residual,
-    select_mlp_channels_by_residual,
-    select_qk_dims_by_residual,
+    select_mlp_channels,
+    select_qk_dims,
 )
+from stages import mlp_ridge_objective as _mlp_ridge_objective
 
 F64 = torch.float64
 
@@ -47,7 +49,7 @@ def _moments(h: torch.Tensor):
 
 
 def _brute_mlp_error(h, w2, kept, pruned, ridge):
-    """Mean over tokens of ‖W2_P(h_P − B h_S − c)‖², fit by corp.compensate.mlp_compensation."""
+    """Mean over tokens of ‖W2_P(h_P − B h_S − c)‖², fit by corp.fit.MlpRidgeFit."""
     mean, cov = _moments(h)
     coef, intercept, _ = mlp_compensation(mean, cov, kept, pruned, ridge)
     resid = h[:, pruned] - h[:, kept] @ coef.T - intercept

@@ -4,17 +4,17 @@ import pytest
 import torch
 
 import corp
-from corp.allocation import model_total
-from corp.compensate import (
+from corp.budget import model_total
+from corp.report import count_parameters
+
+from conftest import tiny_vit
+from stages import (
     attention_compensation,
     attention_error_correcting_solve,
     kept_count,
     mlp_compensation,
     mlp_error_correcting_fold,
 )
-from corp.report import count_parameters
-
-from conftest import tiny_vit
 
 
 def _images(n=24, seed=1):
@@ -171,7 +171,7 @@ def test_budget_removes_at_least_the_budget_and_round_trips(metric, tmp_path):
 def test_budget_beats_uniform_at_the_same_cost_on_block_error():
     """Allocation by measured error: at the same (or larger) parameter removal, the summed
     squared block errors are no larger than uniform pruning's."""
-    from corp.allocation import uniform_reference
+    from corp.budget import uniform_reference
 
     model = tiny_vit(depth=3)
     x = _images()

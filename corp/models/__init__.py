@@ -11,7 +11,7 @@ import torch.nn as nn
 from .base import AttentionPart, AttentionWeights, MlpPart, MlpWeights, ModelAdapter, unsupported
 from .timm_vit import TimmViT
 
-__all__ = ["ADAPTERS", "adapter_for", "adapter_named", "ModelAdapter", "AttentionPart", "MlpPart",
+__all__ = ["ADAPTERS", "TimmViT", "adapter_for", "adapter_named", "ModelAdapter", "AttentionPart", "MlpPart",
            "AttentionWeights", "MlpWeights", "unsupported"]
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (TimmViT,)

@@ -1,0 +1,74 @@
+"""PruneConfig: presets, overrides, and every invalid value or combination refused when it is built."""
+import dataclasses
+import os
+
+import pytest
+
+import corp
+from corp.config import METHODS, PruneConfig
+
+
+def test_presets_are_the_methods_and_options_override_them():
+    paper = PruneConfig.create(method="paper")
+    assert (paper.propagate, paper.target, paper.logit_fit, paper.selection) == tuple(METHODS["paper"].values())
+    default = PruneConfig.create()
+    assert (default.propagate, default.target, default.logit_fit, default.selection) == tuple(METHODS["corp"].values())
+    mixed = PruneConfig.create(method="paper", selection="residual", logit_fit="centred")
+    assert (mixed.propagate, mixed.selection, mixed.logit_fit) == ("dense", "residual", "centred")
+    assert mixed.centred_keys and not mixed.error_correcting
+
+
+def test_config_is_frozen_and_sparsities_normalised():
+    cfg = PruneConfig.create(mlp_sparsity=0.5, attn_sparsity=[0.25, 0, 0.5])
+    assert cfg.mlp_sparsity == 0.5 and cfg.attn_sparsity == (0.25, 0.0, 0.5)
+    assert cfg.per_block("mlp", 3) == [0.5] * 3 and cfg.per_block("attn", 3) == [0.25, 0.0, 0.5]
+    with pytest.raises(ValueError, match="3 entries for a model of 2 blocks"):
+        cfg.per_block("attn", 2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.ridge = 1.0
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(method="fast"), "method must be one of"),
+    (dict(propagate="sideways"), "propagate must be one of"),
+    (dict(target="dense", propagate="dense"), "needs propagate='pruned'"),
+    (dict(target="dense", logit_fit="per_image"), "per_image' cannot be combined"),
+    (dict(budget=0.5, mlp_sparsity=0.25), "either budget or"),
+    (dict(budget=1.5), "budget must be a fraction"),
+    (dict(budget=0.5, budget_metric="watts"), "budget_metric must be one of"),
+    (dict(ridge=0.0), "ridge must be a positive finite"),
+    (dict(attn_ridge=float("nan")), "attn_ridge must be a positive finite"),
+    (dict(backend="cuda"), "backend must be one of"),
+    (dict(states="tape"), "states must be one of"),
+    (dict(batch_size=0), "batch_size must be >= 1"),
+    (dict(mlp_sparsity=1.0), "mlp_sparsity must be in"),
+    (dict(attn_sparsity="half"), "attn_sparsity must be a number"),
+])
+def test_invalid_configs_are_refused_when_built(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        PruneConfig.create(**kwargs)
+
+
+def test_a_preset_target_that_needs_the_pruned_stream_is_dropped_for_dense_propagation():
+    # only an explicit target='dense' with dense propagation is an error
+    assert PruneConfig.create(propagate="dense").target == "local"
+
+
+def test_settings_name_what_was_computed():
+    s = PruneConfig.create(method="paper", mlp_sparsity=0.5).settings()
+    assert s["method"] == "paper" and s["mlp_sparsity"] == 0.5 and s["budget_metric"] is None
+    assert "batch_size" not in s  # how a run was cut is in the fingerprint only
+    assert PruneConfig.create().fingerprint()["batch_size"] == 32
+
+
+def test_kernels_package_is_the_top_level_folder():
+    """corp.kernels is the repository's kernels/ folder (setup.py package_dir), not corp/kernels."""
+    import corp.kernels
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(corp.__file__)))
+    if not os.path.isfile(os.path.join(repo, "setup.py")):
+        pytest.skip("corp is installed from a wheel, not used from a checkout")
+    folder = os.path.dirname(os.path.abspath(corp.kernels.__file__))
+    assert folder == os.path.join(repo, "kernels")
+    assert os.path.isfile(os.path.join(folder, "gram.py")) and os.path.isfile(os.path.join(folder, "attention_stats.py"))
+    assert corp.prune.__module__ == "corp.pipeline"
