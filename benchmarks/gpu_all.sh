@@ -4,10 +4,10 @@
 #   2. a probe: does a rejected solver call raise cleanly or crash (subprocess per case);
 #   3. the GPU tests: Triton statistics kernels, backend="triton" pruning equivalence,
 #      compiled ridge solver (CUDA cases), backend="compiled" pruning equivalence;
-#   4. the do_bench sweep of the statistics kernels (TFLOP/s, speedup vs torch, error vs fp64);
+#   4. the do_bench sweeps of the statistics kernels, one per op (TFLOP/s, speedup vs torch, error vs fp64);
 #   5. the solver table on CUDA (compiled kernel vs cuSOLVER through torch);
 #   6. for a crashing rejected call, its native backtrace under cuda-gdb.
-# The pytest-benchmark pairs (benchmarks/bench_stats_kernels.py) run separately.
+# The pytest-benchmark parts of benchmarks/ops/bench_*.py (one file per op) run separately.
 # Each step has its own time limit; logs go to $OUT (or ./gpu_all_out); the summary is printed last.
 #
 # Usage: bash benchmarks/gpu_all.sh       (PYTHON=... to choose the interpreter; default python3)
@@ -64,19 +64,22 @@ cat "$LOG_DIR/probe_errors.txt" | tee -a "$SUMMARY"
 
 # 3. GPU tests: Triton kernels first (the CPU cases of these files run too)
 step tests_triton 170 "$PY" -m pytest -q -ra --tb=short -p no:cacheprovider --durations=5 \
-    tests/test_kernels_gram.py tests/test_kernels_attention_stats.py tests/test_triton_backend_prune.py
+    tests/ops/test_gram_update.py tests/ops/test_attention_stats_update.py tests/test_triton_backend_prune.py
 tail -30 "$LOG_DIR/tests_triton.txt" | tee -a "$SUMMARY"
 step tests_solver 90 "$PY" -m pytest -q -ra --tb=short -p no:cacheprovider -k "not bad_input" \
-    tests/test_ridge_solve_ext.py tests/test_compiled_backend_prune.py
+    tests/ops/test_ridge_solve.py tests/test_compiled_backend_prune.py
 tail -40 "$LOG_DIR/tests_solver.txt" | tee -a "$SUMMARY"
 
-# 4. statistics kernels: do_bench sweep (errors against fp64, flash-attention's 2x rule)
-step stats_do_bench 110 "$PY" benchmarks/stats_kernels_do_bench.py --budget "${DO_BENCH_BUDGET:-55}"
-tail -32 "$LOG_DIR/stats_do_bench.txt" | tee -a "$SUMMARY"
+# 4. statistics kernels: do_bench sweeps, one per op (errors against fp64, flash-attention's 2x rule);
+#    the attention cases are cheap: they get their own budget (DO_BENCH_ATTENTION_BUDGET)
+step gram_do_bench 80 "$PY" benchmarks/ops/bench_gram_update.py --budget "${DO_BENCH_BUDGET:-55}"
+tail -20 "$LOG_DIR/gram_do_bench.txt" | tee -a "$SUMMARY"
+step attention_do_bench 60 "$PY" benchmarks/ops/bench_attention_stats_update.py --budget "${DO_BENCH_ATTENTION_BUDGET:-30}"
+tail -16 "$LOG_DIR/attention_do_bench.txt" | tee -a "$SUMMARY"
 
 # 5. solver table on CUDA (SKIP_SOLVE_TABLE=1 to skip)
 if [ -z "${SKIP_SOLVE_TABLE:-}" ]; then
-    step solve_table 60 "$PY" benchmarks/solve_table.py --device cuda --repeats 20 --budget 4 --json "$LOG_DIR/solve_table.json"
+    step solve_table 60 "$PY" benchmarks/ops/bench_ridge_solve.py --device cuda --repeats 20 --budget 4 --json "$LOG_DIR/solve_table.json"
     tail -12 "$LOG_DIR/solve_table.txt" | tee -a "$SUMMARY"
 fi
 

@@ -1,4 +1,8 @@
-"""Does a rejected call of ``corp::ridge_solve`` raise cleanly, or crash the process?
+"""Does a rejected call of the compiled ``corp::ridge_solve`` raise cleanly, or crash the process?
+
+The compiled kernels: ``corp._compiled.module().ridge_solve_cpu`` on CPU tensors (the registered
+op's CPU kernel is the PyTorch reference) and the registered op ``torch.ops.corp.ridge_solve`` on
+CUDA tensors (its CUDA kernel is the compiled one, see corp/ops.py).
 
 Each bad call runs in its own subprocess (a crash there cannot take this
 script down); prints one line per case: the error message, or the signal.
@@ -24,9 +28,13 @@ CASES = {
 }
 PRELUDE = """
 import torch
+import corp.ops  # registers torch.ops.corp.*
 from corp import _compiled
 assert _compiled.available(), _compiled.load_error()
-op = torch.ops.corp.ridge_solve
+def op(a, b, lam, max_retries=8, growth=10.0):
+    if a.device.type == 'cpu':
+        return _compiled.module().ridge_solve_cpu(a, b, lam, max_retries, growth)
+    return torch.ops.corp.ridge_solve(a, b, lam, max_retries, growth)
 def mk(dev):
     a = torch.eye(5, dtype=torch.float64, device=dev)[None].repeat(2, 1, 1)
     return a, torch.ones(2, 5, 3, dtype=torch.float64, device=dev), torch.ones(2, dtype=torch.float64, device=dev)

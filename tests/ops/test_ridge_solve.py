@@ -1,9 +1,14 @@
-"""The compiled ridge solver ``torch.ops.corp.ridge_solve`` (csrc/) against torch.linalg.
+"""``corp::ridge_solve``: batched damped Cholesky solves, every implementation, against torch.linalg in fp64.
 
-CPU cases run wherever the extension is built; the same cases on CUDA run
-only with a GPU and an extension built with its CUDA kernels. Tests skip only
-when the extension is not built (and fail when the build record says that a
-build was attempted and failed, so that a compile error cannot pass CI).
+* the PyTorch reference (:func:`corp.reference.ridge_solve`, the op's CPU kernel), through
+  ``ops.REFERENCE.ridge_solve`` (the wrapper that validates shapes and damping): runs everywhere;
+* the compiled solver (csrc/): its CPU kernel ``corp._compiled.module().ridge_solve_cpu`` (what
+  ``ops.resolve("compiled", "cpu")`` calls) and, on CUDA, the registered op
+  ``torch.ops.corp.ridge_solve`` whose CUDA kernel it is. The CUDA cases run only with a GPU and an
+  extension built with its CUDA kernels. These tests skip only when the extension is not built (and
+  fail when the build record says that a build was attempted and failed, so that a compile error
+  cannot pass CI); the tests marked ``runs_without_extension`` do not need it;
+* the op's registration (schema, fake) and the backend resolution of :mod:`corp.ops`.
 """
 import json
 import os
@@ -13,12 +18,18 @@ import sys
 import pytest
 import torch
 
-from corp import _compiled
-from corp.solve import DAMPING_GROWTH, MAX_DAMPING_RETRIES, resolve_solve_backend, ridge_solve
+from corp import _compiled, ops, reference
+from corp.reference import DAMPING_GROWTH, MAX_DAMPING_RETRIES
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CUDA_OK = torch.cuda.is_available() and _compiled.available() and _compiled.cuda_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_OK, reason="needs a GPU and the CUDA kernels"))]
+
+
+def runs_without_extension(test):
+    """Mark a test that does not need the compiled extension (the autouse fixture then lets it run)."""
+    test.runs_without_extension = True
+    return test
 
 
 @pytest.fixture(autouse=True)
@@ -33,6 +44,10 @@ def _needs_extension(request):
 
 
 def op(a, b, lam, retries=MAX_DAMPING_RETRIES, growth=DAMPING_GROWTH):
+    """The compiled solver on a's device: its CPU kernel (the registered op's CPU kernel is the
+    reference), or the registered op on CUDA (whose CUDA kernel is the compiled one)."""
+    if a.device.type == "cpu":
+        return _compiled.module().ridge_solve_cpu(a, b, lam, retries, growth)
     return torch.ops.corp.ridge_solve(a, b, lam, retries, growth)
 
 
@@ -47,6 +62,13 @@ def spd(batch, n, dtype=torch.float64, device="cpu", seed=0, rank=None):
 def rhs(batch, n, m, dtype=torch.float64, device="cpu", seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, n, m, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def gram(b, n, rank=None, seed=0):
+    """Unscaled Grams X Xᵀ of random X (n × rank, default 2n), fp64 on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, rank or 2 * n, generator=g, dtype=torch.float64)
+    return x @ x.transpose(1, 2)
 
 
 def linalg_reference(a, b, lam):
@@ -64,6 +86,60 @@ def backward_error(a, b, lam, x):
     num = torch.linalg.matrix_norm(r)
     den = torch.linalg.matrix_norm(a64) * torch.linalg.matrix_norm(x.double()) + torch.linalg.matrix_norm(b.double())
     return float((num / den).max())
+
+
+# ----------------------------------------------------------------- the PyTorch reference
+
+
+@runs_without_extension
+@pytest.mark.parametrize("b,n,m", [(1, 1, 1), (3, 7, 1), (5, 33, 9), (2, 80, 129)])
+def test_ridge_solve_matches_linalg_solve(b, n, m):
+    a = gram(b, n)
+    rhs_ = torch.randn(b, n, m, dtype=torch.float64)
+    lam = torch.rand(b, dtype=torch.float64) * 1e-2
+    sol = ops.REFERENCE.ridge_solve(a, rhs_, lam)
+    ref = torch.linalg.solve(a + lam[:, None, None] * torch.eye(n, dtype=torch.float64), rhs_)
+    assert sol.ok.all()
+    assert torch.equal(sol.damping, lam)
+    torch.testing.assert_close(sol.solution, ref, rtol=1e-9, atol=1e-9)
+
+
+@runs_without_extension
+def test_ridge_solve_retries_singular_with_more_damping():
+    a = gram(4, 12, rank=3)  # rank 3 of 12: singular
+    a[1] = torch.eye(12, dtype=torch.float64)  # one well-posed system in the batch
+    rhs_ = torch.randn(4, 12, 2, dtype=torch.float64)
+    sol = ops.REFERENCE.ridge_solve(a, rhs_, torch.zeros(4, dtype=torch.float64))
+    assert sol.ok.all() and torch.isfinite(sol.solution).all()
+    assert sol.damping[1] == 0  # untouched where the first factorisation worked
+    for i in (0, 2, 3):
+        assert sol.damping[i] > 0
+        # backward error: the solve is as exact as the conditioning allows
+        damped = a[i] + sol.damping[i] * torch.eye(12, dtype=torch.float64)
+        residual = (damped @ sol.solution[i] - rhs_[i]).norm()
+        assert residual <= 1e-10 * (damped.norm() * sol.solution[i].norm() + rhs_[i].norm())
+
+
+@runs_without_extension
+def test_ridge_solve_reports_failure_instead_of_garbage():
+    a = -torch.eye(5, dtype=torch.float64)[None] * 1e30  # negative definite: no damping rescues it
+    sol = ops.REFERENCE.ridge_solve(a, torch.ones(1, 5, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    assert not sol.ok[0]
+    assert torch.count_nonzero(sol.solution) == 0
+    assert sol.damping[0] > 0 and torch.isfinite(sol.damping).all()
+    assert MAX_DAMPING_RETRIES >= 1
+
+
+@runs_without_extension
+def test_ridge_solve_rejects_bad_arguments():
+    solve = ops.REFERENCE.ridge_solve
+    with pytest.raises(ValueError, match="damping"):
+        solve(gram(1, 3), torch.ones(1, 3, 1, dtype=torch.float64), torch.tensor([-1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="rhs"):
+        solve(gram(1, 3), torch.ones(1, 4, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------- the compiled solver: build
 
 
 def test_build_record_has_no_error():
@@ -167,7 +243,7 @@ def test_singular_dead_channel_retries_at_the_floor(device):
     b[:, dead, :] = 0  # consistent system: the dead channel's covariance with the rest is zero
     lam = torch.zeros(batch, dtype=torch.float64, device=device)
     x, used, ok = op(a, b, lam)
-    ref = ridge_solve(a, b, lam, backend="torch")
+    ref = ops.REFERENCE.ridge_solve(a, b, lam)
     assert bool(ok.all()) and bool(ref.ok.all())
     floor = torch.diagonal(a, dim1=1, dim2=2).abs().mean(-1) * 1e-12
     torch.testing.assert_close(used, floor, rtol=1e-12, atol=0)
@@ -185,7 +261,7 @@ def test_rank_deficient_is_finite_and_solves_the_damped_system(device):
     a, b = spd(batch, n, device=device, rank=n // 2), rhs(batch, n, 3, device=device)
     lam = torch.zeros(batch, dtype=torch.float64, device=device)
     x, used, ok = op(a, b, lam)
-    ref = ridge_solve(a, b, lam, backend="torch")
+    ref = ops.REFERENCE.ridge_solve(a, b, lam)
     assert bool(ok.all()) and bool(torch.isfinite(x).all())
     assert bool((used > 0).all())
     # Both walk the same damping ladder (0, floor, 10·floor, ...); round-off may stop them one rung apart.
@@ -221,7 +297,7 @@ def test_never_factorable_gives_zero_and_not_ok(device):
     b = rhs(4, n, 2, device=device)
     lam = torch.ones(4, dtype=torch.float64, device=device)
     x, used, ok = op(a, b, lam)
-    ref = ridge_solve(a, b, lam, backend="torch")
+    ref = ops.REFERENCE.ridge_solve(a, b, lam)
     assert ok.tolist() == [True, False, False, True] == ref.ok.tolist()
     assert float(x[1:3].abs().max()) == 0.0
     assert float(used[1]) == pytest.approx(DAMPING_GROWTH**MAX_DAMPING_RETRIES)
@@ -252,18 +328,26 @@ def test_non_contiguous_inputs_are_handled(device):
     a, b = spd(batch, n, device=device), rhs(batch, n, m, device=device)
     lam = torch.full((batch,), 1e-2, dtype=torch.float64, device=device)
     expected = op(a, b, lam)[0]
-    a_t = a.transpose(1, 2)  # symmetric: same matrix, column-major strides
+    a_col_major = a.transpose(1, 2).contiguous().transpose(1, 2)  # the same values, column-major strides
     b_wide = torch.zeros(batch, n, 2 * m, dtype=torch.float64, device=device)
     b_wide[:, :, ::2] = b
     lam_strided = torch.stack([lam, lam], 1)[:, 0]
     lam_expanded = torch.tensor(1e-2, dtype=torch.float64, device=device).expand(batch)
-    for args in [(a_t, b, lam), (a, b_wide[:, :, ::2], lam), (a, b, lam_strided), (a, b, lam_expanded)]:
+    # the same values in another layout: bit-identical solutions
+    for args in [(a_col_major, b, lam), (a, b_wide[:, :, ::2], lam), (a, b, lam_strided), (a, b, lam_expanded)]:
         assert not all(t.is_contiguous() for t in args)
         x, _, ok = op(*args)
         assert bool(ok.all()) and x.is_contiguous()
         torch.testing.assert_close(x, expected, rtol=0, atol=0)
     batch_slice = op(a[::2], b[::2], lam[::2])[0]
     torch.testing.assert_close(batch_slice, expected[::2], rtol=0, atol=0)
+    # The transpose is a column-major view of Aᵀ, whose lower triangle is A's upper one: X Xᵀ is
+    # symmetric only to round-off (~1 ulp), so the solution agrees to fp64 precision times the
+    # conditioning (cond(A + λI) ≈ 3e2 here: measured 5e-15 of max|X|), not bit for bit.
+    a_t = a.transpose(1, 2)
+    x, _, ok = op(a_t, b, lam)
+    assert bool(ok.all()) and x.is_contiguous()
+    torch.testing.assert_close(x, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -296,10 +380,15 @@ def test_negative_damping_is_rejected_on_cpu():
 # ------------------------------------------------------- op registration
 
 
+@runs_without_extension
 def test_fake_implementation_and_schema():
+    """The op is registered by corp.ops (extension or not); on CPU tensors it runs the reference."""
     a, b = spd(3, 7), rhs(3, 7, 2)
     lam = torch.full((3,), 1e-2, dtype=torch.float64)
     torch.library.opcheck(torch.ops.corp.ridge_solve.default, (a, b, lam, 8, 10.0))
+    x, used, ok = torch.ops.corp.ridge_solve(a, b, lam, 8, 10.0)
+    assert bool(ok.all()) and torch.equal(used, lam)
+    torch.testing.assert_close(x, linalg_reference(a, b, lam), rtol=1e-10, atol=1e-10)
     x, used, ok = torch.ops.corp.ridge_solve(a.to("meta"), b.to("meta"), lam.to("meta"), 8, 10.0)
     assert x.device.type == "meta" and x.shape == (3, 7, 2) and x.dtype == torch.float64
     assert used.shape == (3,) and ok.dtype == torch.bool
@@ -307,29 +396,33 @@ def test_fake_implementation_and_schema():
 
 def test_ridge_solve_compiled_backend_matches_reference():
     a, b = spd(5, 40), rhs(5, 40, 11)
-    sol_c = ridge_solve(a, b, 1e-3, backend="compiled")  # scalar damping broadcast by the wrapper
-    sol_t = ridge_solve(a, b, 1e-3, backend="torch")
+    compiled = ops.resolve("compiled", torch.device("cpu"))
+    assert compiled.solve == "compiled" and compiled.ridge_solve_impl is not reference.ridge_solve
+    sol_c = compiled.ridge_solve(a, b, 1e-3)  # scalar damping broadcast by the wrapper
+    sol_t = ops.resolve("torch", torch.device("cpu")).ridge_solve(a, b, 1e-3)
     torch.testing.assert_close(sol_c.solution, sol_t.solution, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(sol_c.damping, sol_t.damping)
     assert sol_c.ok.tolist() == sol_t.ok.tolist()
-    assert resolve_solve_backend("compiled", torch.device("cpu")) == "compiled"
-    assert resolve_solve_backend("auto", torch.device("cpu")) == "compiled"
-    assert resolve_solve_backend("torch", torch.device("cpu")) == "torch"
+    assert ops.resolve("compiled", torch.device("cpu")).solve == "compiled"
+    assert ops.resolve("auto", torch.device("cpu")).solve == "compiled"
+    assert ops.resolve("torch", torch.device("cpu")).solve == "torch"
 
 
+@runs_without_extension
 def test_missing_extension_gives_the_build_command():
     """With the extension unavailable (CORP_DISABLE_EXT=1 in a fresh interpreter): corp works through
     the PyTorch path, "auto" falls back to it and "compiled" raises with the build command."""
     code = (
         "import torch, corp\n"
-        "from corp import _compiled\n"
-        "from corp.solve import resolve_solve_backend, ridge_solve\n"
+        "from corp import _compiled, ops\n"
         "assert not _compiled.available()\n"
-        "assert resolve_solve_backend('auto', torch.device('cpu')) == 'torch'\n"
+        "assert ops.resolve('auto', torch.device('cpu')).solve == 'torch'\n"
         "x = torch.eye(3, dtype=torch.float64)[None]\n"
-        "assert ridge_solve(x, x, 0.0).ok.all()\n"
-        "for call in (lambda: resolve_solve_backend('compiled', torch.device('cpu')),\n"
-        "             lambda: ridge_solve(x, x, 0.0, backend='compiled')):\n"
+        "assert ops.resolve('auto', torch.device('cpu')).ridge_solve(x, x, 0.0).ok.all()\n"
+        "assert torch.ops.corp.ridge_solve(x, x, torch.zeros(1, dtype=torch.float64))[2].all()\n"
+        "for call in (lambda: ops.resolve('compiled', torch.device('cpu')),\n"
+        "             lambda: ops.resolve('compiled', torch.device('cpu')).ridge_solve(x, x, 0.0),\n"
+        "             lambda: _compiled.module()):\n"
         "    try:\n"
         "        call()\n"
         "    except RuntimeError as exc:\n"
@@ -342,6 +435,3 @@ def test_missing_extension_gives_the_build_command():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("ok")
-
-
-test_missing_extension_gives_the_build_command.runs_without_extension = True

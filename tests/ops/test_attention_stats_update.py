@@ -1,33 +1,28 @@
-"""The fused Triton attention-statistics kernel against fp64 references.
+"""``corp::attention_stats_update_``: per-head ``Σ q qᵀ``, ``Σ k kᵀ`` and ``Σ q_j² k_j²``, every implementation.
 
-Per head: ``Σ q qᵀ``, ``Σ k kᵀ`` and ``Σ q_j² k_j²``, read from the qkv
-projection output ``(..., 3·H·d)`` as it is (any strides). Interpreter on the
-CPU (tiny shapes), compiled kernel on a GPU; error bounds as in
-``test_kernels_gram.py`` (≤ 2× the plain-PyTorch error at the same precision
-plus a floor of a few fp32 ulps of the result's magnitude).
+Read from the qkv projection output ``(..., 3·H·d)`` as it is (any strides). The
+PyTorch reference (:func:`corp.reference.attention_stats_update_`, the op's CPU
+kernel), the fused Triton kernel (:mod:`corp.kernels.attention_stats`, the op's
+CUDA kernel: Triton's interpreter on the CPU with tiny shapes, the compiled
+kernel on a GPU) and the registered op, each against an independent fp64
+per-head computation; the kernel's error bounds as in ``test_gram_update.py``
+(≤ 2× the plain-PyTorch error at the same precision plus a floor of a few fp32
+ulps of the result's magnitude).
 """
 
 import pytest
 import torch
 
-from corp.stats import attention_stats_update_
+from corp import ops, reference
 
-from triton_common import CUDA, DEVICE, DTYPES, _untuned_unless_asked, gpu, needs_triton  # noqa: F401
-
-pytestmark = needs_triton
+from common import _untuned_unless_asked  # noqa: F401  (autouse fixture)
+from common import DEVICE, DTYPES, assert_within_bound, gpu, needs_triton, round_to_tf32
 
 
 def _triton():
     from corp.kernels.attention_stats import attention_stats_update_triton_
 
     return attention_stats_update_triton_
-
-
-def assert_within_bound(out, baseline, ref64, factor=2.0, rel_floor=1e-6, what=""):
-    err = (out.double() - ref64).abs().max().item()
-    base = (baseline.double() - ref64).abs().max().item()
-    floor = rel_floor * ref64.abs().max().item()
-    assert err <= factor * base + floor, f"{what}: kernel error {err:.3e} > {factor}·{base:.3e} + {floor:.3e}"
 
 
 def fp64_reference(qkv, h, d):
@@ -54,6 +49,20 @@ def _qkv(kind, h, d, dtype, gen):
     return x.to(DEVICE)
 
 
+# ---------------------------------------------------------------------------- the PyTorch reference
+
+
+def test_attention_stats_rejects_wrong_width():
+    with pytest.raises(ValueError, match="qkv width"):
+        reference.attention_stats_update_(
+            torch.zeros(2, 4, 4, dtype=torch.float64), torch.zeros(2, 4, 4, dtype=torch.float64),
+            torch.zeros(2, 4, dtype=torch.float64), torch.zeros(5, 23), 2, 4)
+
+
+# ---------------------------------------------------------------------------- the Triton kernel
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
 @pytest.mark.parametrize("kind,split", [("2d-sliced", 1), ("3d-unmergeable", 3), ("3d-contiguous", 2)])
 def test_attention_stats_match_fp64(dtype, kind, split):
@@ -65,12 +74,13 @@ def test_attention_stats_match_fp64(dtype, kind, split):
     out = [t.clone() for t in start]
     _triton()(*out, qkv, h, d, split_k=split)
     base = [t.clone() for t in start]
-    attention_stats_update_(*base, qkv, h, d, backend="torch")
+    reference.attention_stats_update_(*base, qkv, h, d)
     ref = [s + r for s, r in zip(start, fp64_reference(qkv, h, d))]
     for name, o, b, r in zip(("gram_q", "gram_k", "score"), out, base, ref):
         assert_within_bound(o, b, r, what=f"{name} {kind} {dtype}")
 
 
+@needs_triton
 def test_attention_stats_accumulate_across_chunks():
     h, d = 2, 16
     gen = torch.Generator().manual_seed(7)
@@ -78,13 +88,14 @@ def test_attention_stats_accumulate_across_chunks():
     for n, dtype, split in ((37, torch.float32, 1), (64, torch.bfloat16, 3), (5, torch.float16, 1)):
         qkv = torch.randn(n, 3 * h * d, generator=gen).to(dtype).to(DEVICE)
         _triton()(*out, qkv, h, d, split_k=split)
-        attention_stats_update_(*base, qkv, h, d, backend="torch")
+        reference.attention_stats_update_(*base, qkv, h, d)
         for acc, r in zip(ref, fp64_reference(qkv, h, d)):
             acc += r
     for name, o, b, r in zip(("gram_q", "gram_k", "score"), out, base, ref):
         assert_within_bound(o, b, r, what=name)
 
 
+@needs_triton
 def test_attention_stats_ignore_v_and_other_heads():
     """Each head reads only its own q and k columns: v and the other heads' values do not leak in."""
     h, d = 2, 16
@@ -101,23 +112,27 @@ def test_attention_stats_ignore_v_and_other_heads():
     assert not out2[0][1].any() and not out2[2][1].any()
 
 
-def test_attention_dispatch_through_stats_backend_and_custom_op():
-    from corp.kernels import ops  # noqa: F401  (registers torch.ops.corp.*)
-
+@needs_triton
+def test_attention_dispatch_through_triton_backend_and_custom_op():
+    """``ops.resolve("triton", device)`` (the kernel: the interpreter on CPU tensors) and the registered
+    op (the reference on CPU tensors, the kernel on CUDA ones) against the fp64 per-head statistics;
+    schema, fake and aot dispatch by opcheck."""
     h, d = 2, 24
     gen = torch.Generator().manual_seed(9)
     qkv = torch.randn(2, 7, 3 * h * d, generator=gen).to(DEVICE)
-    a, b, c = _zeros(h, d), _zeros(h, d), _zeros(h, d)
-    attention_stats_update_(*a, qkv, h, d, backend="triton")
-    attention_stats_update_(*b, qkv, h, d, backend="torch")
+    kernels = ops.resolve("triton", DEVICE)
+    assert kernels.stats == "triton" and kernels.attention_stats_update_impl is not reference.attention_stats_update_
+    a, c = _zeros(h, d), _zeros(h, d)
+    kernels.attention_stats_update_(*a, qkv, h, d)
     torch.ops.corp.attention_stats_update_(*c, qkv, h, d)
-    for x, y, z in zip(a, b, c):
+    for x, z, y in zip(a, c, fp64_reference(qkv, h, d)):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(z, y, rtol=1e-5, atol=1e-5)
     cpu = [t.cpu() for t in _zeros(h, d)]
     torch.library.opcheck(torch.ops.corp.attention_stats_update_.default, (*cpu, qkv.cpu().to(torch.bfloat16), h, d))
 
 
+@needs_triton
 def test_attention_stats_reject_bad_arguments():
     f = _triton()
     h, d = 2, 8
@@ -130,10 +145,48 @@ def test_attention_stats_reject_bad_arguments():
         f(acc[0].float(), acc[1], acc[2], torch.randn(4, 3 * h * d, device=DEVICE), h, d)
 
 
+@needs_triton
+def test_tf32_operands_are_rounded_to_nearest():
+    """input_precision="tf32": the Grams are those of the TF32-rounded q and k (round to nearest, as
+    cuBLAS does; tensor-core truncation biased the H200's Gram diagonals by ~1e-3), the score uses
+    the unrounded values."""
+    gen = torch.Generator().manual_seed(5)
+    h, d, n = 2, 12, 200
+    qkv = (torch.randn(n, 3 * h * d, generator=gen) * 0.5 + 0.8).to(DEVICE)
+    out = _zeros(h, d)
+    _triton()(*out, qkv, h, d, input_precision="tf32")
+    x = round_to_tf32(qkv.cpu()).double().view(n, 3, h, d)
+    q, k = x[:, 0].transpose(0, 1), x[:, 1].transpose(0, 1)
+    exact = qkv.cpu().double().view(n, 3, h, d)
+    score = (exact[:, 0] * exact[:, 1]).square().sum(0)
+    for got, want in ((out[0], q.mT @ q), (out[1], k.mT @ k)):
+        assert ((got.cpu() - want).abs().max() / want.abs().max()).item() < 2e-6
+    torch.testing.assert_close(out[2].cpu(), score, rtol=2e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- the registered op
+
+
+def test_custom_op_matches_fp64_per_head():
+    """``torch.ops.corp.attention_stats_update_`` on the test device, with or without triton (the
+    reference on CPU tensors; the kernel, or the reference where triton is missing, on CUDA ones)."""
+    h, d = 3, 20
+    gen = torch.Generator().manual_seed(4)
+    qkv = torch.randn(2, 13, 3 * h * d + 5, generator=gen).to(DEVICE)[:, :, 5:]  # strided view
+    acc = _zeros(h, d)
+    torch.ops.corp.attention_stats_update_(*acc, qkv, h, d)
+    x = qkv.double().reshape(-1, 3, h, d)
+    q, k = x[:, 0], x[:, 1]
+    want = (torch.einsum("nhi,nhj->hij", q, q), torch.einsum("nhi,nhj->hij", k, k), (q * q * k * k).sum(0))
+    for name, got, ref in zip(("gram_q", "gram_k", "score"), acc, want):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 # ---------------------------------------------------------------------------- GPU only
 
 
 @gpu
+@needs_triton
 @pytest.mark.parametrize("h,d", [(12, 64), (16, 80)], ids=["deit_base", "deit3_huge"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_gpu_attention_stats_real_sizes(h, d, dtype):
@@ -143,13 +196,14 @@ def test_gpu_attention_stats_real_sizes(h, d, dtype):
     qkv = (torch.randn(32, tokens, 3 * h * d, device="cuda") * 1.2 + 0.3).to(dtype)
     out, base = _zeros(h, d), _zeros(h, d)
     _triton()(*out, qkv, h, d)
-    attention_stats_update_(*base, qkv, h, d, backend="torch")
+    reference.attention_stats_update_(*base, qkv, h, d)
     ref = fp64_reference(qkv, h, d)
     for name, o, b, r in zip(("gram_q", "gram_k", "score"), out, base, ref):
         assert_within_bound(o, b, r, what=f"{name} H={h} d={d} {dtype}")
 
 
 @gpu
+@needs_triton
 def test_gpu_attention_stats_tf32_bound():
     """fp32 qkv with input_precision="tf32": within 2× torch's TF32 bmm error (+ a TF32-sized floor)."""
     torch.manual_seed(0)
@@ -170,6 +224,7 @@ def test_gpu_attention_stats_tf32_bound():
 
 
 @gpu
+@needs_triton
 def test_gpu_autotuning_does_not_corrupt_the_accumulators(monkeypatch):
     """The first call for a new key tunes on scratch accumulators: the chunk is added exactly once."""
     from corp.kernels import attention_stats as ka
@@ -184,23 +239,3 @@ def test_gpu_autotuning_does_not_corrupt_the_accumulators(monkeypatch):
     _triton()(*out, qkv, h, d)
     for name, o, r in zip(("gram_q", "gram_k", "score"), out, fp64_reference(qkv, h, d)):
         torch.testing.assert_close(o, 1 + r, rtol=1e-5, atol=1e-3, msg=lambda m: f"{name}: {m}")
-
-
-def test_tf32_operands_are_rounded_to_nearest():
-    """input_precision="tf32": the Grams are those of the TF32-rounded q and k (round to nearest, as
-    cuBLAS does; tensor-core truncation biased the H200's Gram diagonals by ~1e-3), the score uses
-    the unrounded values."""
-    from test_kernels_gram import _round_via_float
-
-    gen = torch.Generator().manual_seed(5)
-    h, d, n = 2, 12, 200
-    qkv = (torch.randn(n, 3 * h * d, generator=gen) * 0.5 + 0.8).to(DEVICE)
-    out = _zeros(h, d)
-    _triton()(*out, qkv, h, d, input_precision="tf32")
-    x = _round_via_float(qkv.cpu()).double().view(n, 3, h, d)
-    q, k = x[:, 0].transpose(0, 1), x[:, 1].transpose(0, 1)
-    exact = qkv.cpu().double().view(n, 3, h, d)
-    score = (exact[:, 0] * exact[:, 1]).square().sum(0)
-    for got, want in ((out[0], q.mT @ q), (out[1], k.mT @ k)):
-        assert ((got.cpu() - want).abs().max() / want.abs().max()).item() < 2e-6
-    torch.testing.assert_close(out[2].cpu(), score, rtol=2e-6, atol=1e-6)

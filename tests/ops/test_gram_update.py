@@ -1,13 +1,13 @@
-"""The Triton Gram (SYRK) + column-sum kernel against fp64 references.
+"""``corp::gram_update_``: the Gram (SYRK, upper triangle) + column-sum op, every implementation.
 
-Without a GPU the kernel runs in Triton's interpreter on CPU tensors (tiny odd
-shapes: it is slow); with a GPU the same tests run the compiled kernel, and the
-tests marked ``gpu`` add real sizes and the TF32/bf16 error bounds.
+* the PyTorch reference (:func:`corp.reference.gram_update_`, the op's CPU kernel) against fp64;
+* the Triton kernel (:mod:`corp.kernels.gram`, the op's CUDA kernel): without a GPU it runs in
+  Triton's interpreter on CPU tensors (tiny odd shapes: it is slow); with a GPU the same tests run
+  the compiled kernel, and the tests marked ``gpu`` add real sizes and the TF32/bf16 error bounds;
+* the registered op ``torch.ops.corp.gram_update_`` and the backend resolution of :mod:`corp.ops`.
 
-Error bounds follow flash-attention's tests: the kernel's error against an
-fp64 reference is at most twice the error of the same computation in plain
-PyTorch at the same precision, plus a small floor relative to the result's
-magnitude (a few fp32 ulps; a wrong tile or a lost chunk is off by O(1)).
+Every test compares against an independent fp64 computation (``x.double().T @ x.double()``).
+Error bounds of the kernel follow flash-attention's tests (:func:`common.assert_within_bound`).
 """
 import math
 import os
@@ -18,12 +18,11 @@ import time
 import pytest
 import torch
 
-from corp.stats import gram_update_
+from corp import ops, reference
+from corp.reference import symmetrize_upper
 
-from triton_common import CUDA, DEVICE, DTYPES, _untuned_unless_asked, gpu, needs_triton  # noqa: F401
-
-pytestmark = needs_triton
-REL_FLOOR = 1e-6
+from common import _untuned_unless_asked  # noqa: F401  (autouse fixture)
+from common import CUDA, DEVICE, DTYPES, REL_FLOOR, assert_within_bound, gpu, needs_triton, round_to_tf32
 
 
 def _triton():
@@ -32,12 +31,57 @@ def _triton():
     return gram_update_triton_
 
 
-def assert_within_bound(out, baseline, ref64, factor=2.0, rel_floor=REL_FLOOR, what=""):
-    """|out − ref64| ≤ factor·|baseline − ref64| + rel_floor·|ref64|, maxima over entries."""
-    err = (out.double() - ref64).abs().max().item()
-    base = (baseline.double() - ref64).abs().max().item()
-    floor = rel_floor * ref64.abs().max().item()
-    assert err <= factor * base + floor, f"{what}: kernel error {err:.3e} > {factor}·{base:.3e} + {floor:.3e}"
+def _fp64_gram(x):
+    """``(xᵀx, Σx)`` of ``x (..., D)`` in fp64."""
+    x64 = x.double().reshape(-1, x.shape[-1])
+    return x64.T @ x64, x64.sum(0)
+
+
+# ---------------------------------------------------------------------------- the PyTorch reference
+
+
+@pytest.mark.parametrize("d", [1, 97, 385, 800])
+def test_gram_update_matches_fp64_over_chunks(d):
+    torch.manual_seed(d)
+    chunks = [torch.randn(n, d) for n in (50, 197, 3)]
+    gram = torch.zeros(d, d, dtype=torch.float64)
+    colsum = torch.zeros(d, dtype=torch.float64)
+    for c in chunks:
+        reference.gram_update_(gram, colsum, c)
+    x = torch.cat(chunks).double()
+    torch.testing.assert_close(symmetrize_upper(gram), x.T @ x, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(colsum, x.sum(0), rtol=1e-5, atol=1e-4)  # fp32 within a chunk, like the Gram
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gram_update_accepts_strided_low_precision_views(dtype):
+    torch.manual_seed(0)
+    base = torch.randn(4, 60, 2 * 97).to(dtype)
+    x = base[:, ::2, ::2]  # (4, 30, 97), non-contiguous
+    gram = torch.zeros(97, 97, dtype=torch.float64)
+    colsum = torch.zeros(97, dtype=torch.float64)
+    reference.gram_update_(gram, colsum, x)
+    ref = x.reshape(-1, 97).double()
+    # products of the low-precision values are exact in fp32; only fp32 summation rounds
+    torch.testing.assert_close(symmetrize_upper(gram), ref.T @ ref, rtol=1e-5, atol=1e-3)
+
+
+def test_fp64_accumulation_beats_plain_fp32_over_many_chunks():
+    torch.manual_seed(0)
+    d, gram = 8, torch.zeros(8, 8, dtype=torch.float64)
+    colsum = torch.zeros(8, dtype=torch.float64)
+    fp32_sum = torch.zeros(8)
+    exact = torch.zeros(8, dtype=torch.float64)
+    for _ in range(200):
+        x = torch.rand(1000, d) + 10.0  # a large mean makes fp32 running sums lose digits
+        reference.gram_update_(gram, colsum, x)
+        fp32_sum += x.sum(0)
+        exact += x.double().sum(0)
+    assert (colsum - exact).abs().max() < 1e-6 * exact.abs().max()
+    assert (fp32_sum.double() - exact).abs().max() > (colsum - exact).abs().max()
+
+
+# ---------------------------------------------------------------------------- the Triton kernel
 
 
 def _inputs(kind: str, d: int, dtype, gen):
@@ -63,6 +107,7 @@ def _start(d: int, gen):
     return gram.to(DEVICE), colsum.to(DEVICE)
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
 @pytest.mark.parametrize(
     "kind,d,split",
@@ -76,7 +121,7 @@ def test_gram_matches_fp64(dtype, kind, d, split):
     _triton()(gram, colsum, x, split_k=split)
 
     base_g, base_c = gram0.clone(), colsum0.clone()
-    gram_update_(base_g, base_c, x, backend="torch")
+    reference.gram_update_(base_g, base_c, x)
     x64 = x.double().reshape(-1, d)
     ref_g = gram0 + torch.triu(x64.T @ x64)
     ref_c = colsum0 + x64.sum(0)
@@ -88,6 +133,7 @@ def test_gram_matches_fp64(dtype, kind, d, split):
     assert_within_bound(colsum, base_c, ref_c, what="colsum")
 
 
+@needs_triton
 def test_gram_accumulates_across_chunks_and_splits():
     gen = torch.Generator().manual_seed(3)
     d = 45
@@ -100,7 +146,7 @@ def test_gram_accumulates_across_chunks_and_splits():
     for n, dtype, split in ((61, torch.float32, 1), (130, torch.bfloat16, 4), (7, torch.float16, 1), (33, torch.float32, 2)):
         x = (torch.randn(n, d, generator=gen) + 0.5).to(dtype).to(DEVICE)
         _triton()(gram, colsum, x, split_k=split)
-        gram_update_(base_g, base_c, x, backend="torch")
+        reference.gram_update_(base_g, base_c, x)
         x64 = x.double()
         ref_g += torch.triu(x64.T @ x64)
         ref_c += x64.sum(0)
@@ -110,19 +156,23 @@ def test_gram_accumulates_across_chunks_and_splits():
     assert torch.allclose(torch.diagonal(gram), torch.diagonal(ref_g), rtol=1e-5)
 
 
-def test_gram_dispatch_through_stats_backend():
-    """``backend="triton"`` in corp.stats runs the kernel (and equals the reference)."""
+@needs_triton
+def test_gram_dispatch_through_triton_backend():
+    """``ops.resolve("triton", device)`` runs the kernel (the interpreter on CPU tensors, not the
+    reference), and it matches the fp64 Gram."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(3, 11, 40, generator=gen).to(DEVICE)
+    kernels = ops.resolve("triton", DEVICE)
+    assert kernels.stats == "triton" and kernels.gram_update_impl is not reference.gram_update_
     g1, c1 = torch.zeros(40, 40, dtype=torch.float64, device=DEVICE), torch.zeros(40, dtype=torch.float64, device=DEVICE)
-    g2, c2 = g1.clone(), c1.clone()
-    gram_update_(g1, c1, x, backend="triton")
-    gram_update_(g2, c2, x, backend="torch")
-    # only the upper triangle is defined (the reference writes inside its diagonal blocks)
-    torch.testing.assert_close(torch.triu(g1), torch.triu(g2), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(c1, c2, rtol=1e-5, atol=1e-5)
+    kernels.gram_update_(g1, c1, x)
+    ref_g, ref_c = _fp64_gram(x)
+    # only the upper triangle is defined
+    torch.testing.assert_close(torch.triu(g1), torch.triu(ref_g), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c1, ref_c, rtol=1e-5, atol=1e-5)
 
 
+@needs_triton
 def test_gram_error_over_a_million_tokens():
     """fp32 inside the kernel, fp64 across chunks: ~1e-7 relative error over 10⁶ tokens.
 
@@ -170,6 +220,7 @@ def test_gram_error_over_a_million_tokens():
     assert rel_cov < 1e-5
 
 
+@needs_triton
 def test_gram_rejects_bad_arguments():
     f = _triton()
     x = torch.randn(4, 8, device=DEVICE)
@@ -186,17 +237,42 @@ def test_gram_rejects_bad_arguments():
     assert not g.any() and not c.any()
 
 
-def test_custom_op_matches_reference_and_passes_opcheck():
-    from corp.kernels import ops  # noqa: F401  (registers torch.ops.corp.*)
+@needs_triton
+def test_tf32_operands_are_rounded_to_nearest():
+    """With input_precision="tf32" the kernel's products are those of the TF32-rounded inputs
+    (round to nearest, as cuBLAS does), not of inputs truncated by the tensor cores, and the
+    column sums use the unrounded inputs. Positive-mean data, where truncation bias adds up."""
+    gen = torch.Generator().manual_seed(11)
+    n, d = 300, 40
+    x = (torch.randn(n, d, generator=gen) * 0.7 + 1.3).to(DEVICE)
+    g = torch.zeros(d, d, dtype=torch.float64, device=DEVICE)
+    c = torch.zeros(d, dtype=torch.float64, device=DEVICE)
+    _triton()(g, c, x, input_precision="tf32")
+    xr = round_to_tf32(x.cpu()).double()
+    ref = xr.T @ xr
+    truncated = (x.cpu().view(torch.int32) & ~0x1FFF).view(torch.float32).double()
+    ref_trunc = truncated.T @ truncated
+    up = torch.ones(d, d, dtype=torch.bool).triu()
+    scale = ref.abs().max()
+    err = ((g.cpu() - ref)[up].abs().max() / scale).item()
+    assert err < 2e-6, err  # fp32 accumulation of exactly representable products
+    assert ((ref_trunc - ref)[up].abs().max() / scale).item() > 20 * err  # the test can tell the two apart
+    torch.testing.assert_close(c.cpu(), x.cpu().double().sum(0), rtol=1e-6, atol=1e-5)
 
+
+# ---------------------------------------------------------------------------- the registered op, backends
+
+
+def test_custom_op_matches_fp64_and_passes_opcheck():
+    """``torch.ops.corp.gram_update_`` on the test device (the reference on CPU tensors, the Triton
+    kernel on CUDA ones) against the fp64 Gram; schema, fake and aot dispatch by opcheck."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 9, 24, generator=gen).to(DEVICE)
     g, c = torch.zeros(24, 24, dtype=torch.float64, device=DEVICE), torch.zeros(24, dtype=torch.float64, device=DEVICE)
     torch.ops.corp.gram_update_(g, c, x)
-    rg, rc = torch.zeros_like(g), torch.zeros_like(c)
-    gram_update_(rg, rc, x, backend="torch")
-    torch.testing.assert_close(torch.triu(g), torch.triu(rg), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(c, rc, rtol=1e-5, atol=1e-5)
+    ref_g, ref_c = _fp64_gram(x)
+    torch.testing.assert_close(torch.triu(g), torch.triu(ref_g), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c, ref_c, rtol=1e-5, atol=1e-5)
     # schema, fake/meta implementation, aot dispatch (on the CPU reference: fast)
     xc = torch.randn(2, 9, 24, generator=gen).to(torch.bfloat16)[:, ::2]
     torch.library.opcheck(
@@ -210,12 +286,12 @@ def test_no_triton_import_and_graceful_without_triton():
     code = (
         "import sys\n"
         "sys.modules['triton'] = None\n"  # import triton now raises ImportError
-        "import torch, corp, corp.kernels, corp.kernels.ops, corp.kernels.gram, corp.kernels.attention_stats\n"
-        "from corp.stats import resolve_stats_backend\n"
-        "assert resolve_stats_backend('auto', torch.device('cpu')) == 'torch'\n"
-        "assert resolve_stats_backend('auto', torch.device('cuda')) == 'torch'\n"
+        "import torch, corp, corp.ops, corp.kernels, corp.kernels.gram, corp.kernels.attention_stats, corp.pipeline\n"
+        "from corp import ops\n"
+        "assert ops.resolve('auto', torch.device('cpu')).stats == 'torch'\n"
+        "assert ops.resolve('auto', torch.device('cuda')).stats == 'torch'\n"
         "try:\n"
-        "    resolve_stats_backend('triton', torch.device('cuda'))\n"
+        "    ops.resolve('triton', torch.device('cuda'))\n"
         "    raise SystemExit('no error')\n"
         "except RuntimeError as e:\n"
         "    assert 'pip install triton' in str(e)\n"
@@ -225,26 +301,26 @@ def test_no_triton_import_and_graceful_without_triton():
         "print('ok')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=root)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
+@needs_triton
 def test_resolve_stats_backend():
-    from corp.stats import resolve_stats_backend
-
-    assert resolve_stats_backend("torch", torch.device("cpu")) == "torch"
-    assert resolve_stats_backend("auto", torch.device("cpu")) == "torch"  # the CPU keeps the reference
-    assert resolve_stats_backend("compiled", torch.device("cpu")) == "torch"
-    assert resolve_stats_backend("triton", DEVICE) == "triton"
+    assert ops.resolve("torch", torch.device("cpu")).stats == "torch"
+    assert ops.resolve("auto", torch.device("cpu")).stats == "torch"  # the CPU keeps the reference
+    assert ops.resolve("compiled", torch.device("cpu")).stats == "torch"
+    assert ops.resolve("triton", DEVICE).stats == "triton"
     if CUDA:
-        assert resolve_stats_backend("auto", torch.device("cuda")) == "triton"
+        assert ops.resolve("auto", torch.device("cuda")).stats == "triton"
 
 
 # ---------------------------------------------------------------------------- GPU only
 
 
 @gpu
+@needs_triton
 @pytest.mark.parametrize("d", [768, 3072, 5120])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_gpu_gram_real_sizes_16bit(d, dtype):
@@ -264,6 +340,7 @@ def test_gpu_gram_real_sizes_16bit(d, dtype):
 
 
 @gpu
+@needs_triton
 @pytest.mark.parametrize("precision", ["ieee", "tf32", "tf32x3"])
 def test_gpu_gram_fp32_precisions(precision):
     """fp32 inputs: "ieee" within 2× torch fp32, "tf32" within 2× torch with TF32 on, "tf32x3" near ieee torch."""
@@ -290,6 +367,7 @@ def test_gpu_gram_fp32_precisions(precision):
 
 
 @gpu
+@needs_triton
 def test_gpu_gram_million_tokens_error():
     """10⁶ tokens at D = 768 in bf16 chunks of 8192, tuned kernel: relative error vs fp64."""
     torch.manual_seed(0)
@@ -315,6 +393,7 @@ def test_gpu_gram_million_tokens_error():
 
 
 @gpu
+@needs_triton
 def test_gpu_autotuning_does_not_corrupt_the_accumulator(monkeypatch):
     """The first call for a new key tunes (many launches) on scratch: the chunk is added exactly once."""
     from corp.kernels import gram as kg
@@ -332,34 +411,3 @@ def test_gpu_autotuning_does_not_corrupt_the_accumulator(monkeypatch):
     up = torch.ones(d, d, dtype=torch.bool, device="cuda").triu()
     torch.testing.assert_close(g[up], (1 + x64.T @ x64)[up], rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(c, 1 + x64.sum(0), rtol=1e-5, atol=1e-3)
-
-
-def _round_via_float(x: torch.Tensor) -> torch.Tensor:
-    # 2^(e-10) spacing of TF32 around each value; round half away from zero with fp64 arithmetic
-    x64 = x.double()
-    mant, exp = torch.frexp(x64)  # x = mant · 2^exp, 0.5 <= |mant| < 1
-    scaled = mant * 2048.0  # 11 significant bits (1 implicit + 10 stored)
-    rounded = torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)
-    return torch.ldexp(rounded / 2048.0, exp).float()
-
-
-def test_tf32_operands_are_rounded_to_nearest():
-    """With input_precision="tf32" the kernel's products are those of the TF32-rounded inputs
-    (round to nearest, as cuBLAS does), not of inputs truncated by the tensor cores, and the
-    column sums use the unrounded inputs. Positive-mean data, where truncation bias adds up."""
-    gen = torch.Generator().manual_seed(11)
-    n, d = 300, 40
-    x = (torch.randn(n, d, generator=gen) * 0.7 + 1.3).to(DEVICE)
-    g = torch.zeros(d, d, dtype=torch.float64, device=DEVICE)
-    c = torch.zeros(d, dtype=torch.float64, device=DEVICE)
-    _triton()(g, c, x, input_precision="tf32")
-    xr = _round_via_float(x.cpu()).double()
-    ref = xr.T @ xr
-    truncated = (x.cpu().view(torch.int32) & ~0x1FFF).view(torch.float32).double()
-    ref_trunc = truncated.T @ truncated
-    up = torch.ones(d, d, dtype=torch.bool).triu()
-    scale = ref.abs().max()
-    err = ((g.cpu() - ref)[up].abs().max() / scale).item()
-    assert err < 2e-6, err  # fp32 accumulation of exactly representable products
-    assert ((ref_trunc - ref)[up].abs().max() / scale).item() > 20 * err  # the test can tell the two apart
-    torch.testing.assert_close(c.cpu(), x.cpu().double().sum(0), rtol=1e-6, atol=1e-5)
