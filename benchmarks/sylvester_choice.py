@@ -43,7 +43,7 @@ def grams(heads: int, s: int, seed: int = 0):
     c = torch.randn(heads, s, s, generator=g, dtype=torch.float64) @ gk * 0.1
     tq = torch.diagonal(gq, dim1=1, dim2=2).mean(1)
     tk = torch.diagonal(gk, dim1=1, dim2=2).mean(1)
-    lam = 1e-2 * tq * tk  # engine.DEFAULT_ATTN_RIDGE
+    lam = 1e-2 * tq * tk  # a damping 10x corp.config.DEFAULT_ATTN_RIDGE: the comparison holds at any λ
     return gq, gk, c, lam, tq, tk
 
 
