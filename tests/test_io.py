@@ -81,3 +81,17 @@ def test_load_errors_are_clear(tmp_path):
         corp.load_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not a corp model directory"):
         corp.load_model(str(tmp_path))
+
+
+def test_a_model_saved_by_corp_0_1_0_still_loads():
+    """tests/data holds a pruned tiny ViT written by corp 0.1.0 before the restructuring (its config
+    names no model family) with the logits it gave on a probe batch: today's loader reproduces them."""
+    from safetensors.torch import load_file
+
+    data = os.path.join(os.path.dirname(__file__), "data")
+    model = corp.load_pretrained(os.path.join(data, "saved_by_corp_0.1.0"))
+    cfg = json.loads(open(os.path.join(data, "saved_by_corp_0.1.0", CONFIG_NAME)).read())
+    assert "family" not in cfg and cfg["blocks"] == [{"mlp_hidden": 24, "qk_dim": 6}] * 2
+    probe = load_file(os.path.join(data, "saved_by_corp_0.1.0_probe.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(model(probe["probe"]), probe["logits"])
