@@ -495,7 +495,7 @@ def measure_error_curves(run, states, report_batches: int) -> torch.Tensor:
                     err, _ = measure_block_errors(adapter, block, inputs, [block(x) for x in inputs], reference,
                                                   dense, {}, dp)
                 errors[row, k] = err ** 2
-        stream.advance(block)
+        stream.advance(block, report=False)
         del block, stats
     stream.close()
     return errors

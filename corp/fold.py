@@ -50,7 +50,7 @@ def fold_attention(weights: AttentionWeights, kept: torch.Tensor, correction: Op
 
     Returns the folded :class:`AttentionWeights` (q/k ``(H, s, in)``), fp64.
     """
-    heads, d = weights.w_q.shape[0], weights.w_q.shape[1]
+    d = weights.w_q.shape[1]
     keep = kept.shape[1]
     rows = kept[:, :, None].expand(-1, -1, weights.w_q.shape[-1])
     w_q, w_k = torch.gather(weights.w_q, 1, rows), torch.gather(weights.w_k, 1, rows)

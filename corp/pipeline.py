@@ -150,7 +150,7 @@ def prune(
         raise ValueError("checkpoint_dir is not supported with target='dense' (two streams of states)")
     run = _Run(model, calibration, config, device, dtype, checkpoint_dir, distributed, weights, inplace, start)
     pruners = part_pruners(config, run.kernels)
-    report, stream, dp, adapter = run.report, run.stream, run.dp, run.adapter
+    stream, dp, adapter = run.stream, run.dp, run.adapter
     for i in run.block_indices(progress):
         block = run.load_block(i)
         dense = {"attn": adapter.attention(block).module, "mlp": adapter.mlp(block).module}
@@ -165,7 +165,7 @@ def prune(
             tick = time.perf_counter()
             stream.fill(block, name, stats[name])  # the pruned streams fill each part's statistics here
             stats[name].reduce_(dp)
-            stats[name].check_finite(f"{'query/key' if name == 'attn' else 'MLP'} in block {i}")
+            stats[name].check_finite(i)
             record.seconds_statistics += time.perf_counter() - tick
             ctx = FitContext(run.kernels, dp, qkv_batches=lambda: stream.qkv_batches(block))
             result = pruner.prune(adapter, block, stats.pop(name), run.sparsity[name][i], ctx)
@@ -174,7 +174,7 @@ def prune(
             kept[name] = result.kept
         dp.broadcast_module_(block)  # every rank holds rank 0's pruned block, bit for bit
         inputs = stream.report_inputs() if kept else []
-        outputs = stream.advance(block)
+        outputs = stream.advance(block, report=bool(inputs))
         if inputs:
             plain = {}
             if config.compensate:

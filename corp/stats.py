@@ -74,6 +74,7 @@ class _Statistics:
     """What every statistic does besides its update: ranks' sums and the finiteness check."""
 
     count: int
+    kind: str = ""  # what the statistics describe, for error messages
 
     def tensors(self) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -83,9 +84,10 @@ class _Statistics:
         dp.sum_(self.tensors())
         self.count = dp.sum_int(self.count)
 
-    def check_finite(self, where: str) -> None:
+    def check_finite(self, block_index: int) -> None:
+        """Raise ValueError naming the block if any accumulator holds NaN or Inf."""
         if not all(bool(torch.isfinite(t).all()) for t in self.tensors()):
-            raise ValueError(f"non-finite {where} statistics")
+            raise ValueError(f"non-finite {self.kind} statistics in block {block_index}")
 
 
 class MLPStatistics(_Statistics):
@@ -95,6 +97,8 @@ class MLPStatistics(_Statistics):
     compensation needs), skipping the O(D_h²) Gram work. ``cross=True`` also
     accumulates the dense stream's ``Σ h`` and ``Σ h ĥᵀ`` (:meth:`update` then takes both).
     """
+
+    kind = "MLP"
 
     def __init__(self, hidden: int, device: torch.device, kernels: Kernels = REFERENCE, full: bool = True,
                  cross: bool = False):
@@ -181,6 +185,8 @@ class AttentionStatistics(_Statistics):
     per-image-centred keys. ``cross``: also ``Σ q̂ qᵀ`` and ``Σ k k̂ᵀ`` between the
     pruned (hat) and dense streams, keys centred like :meth:`key_gram`'s.
     """
+
+    kind = "query/key"
 
     def __init__(self, num_heads: int, head_dim: int, device: torch.device, kernels: Kernels = REFERENCE,
                  centre_keys: bool = False, cross: bool = False):

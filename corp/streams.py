@@ -235,8 +235,9 @@ class Stream:
     def report_inputs(self) -> list[torch.Tensor]:
         return [self.states[j] for j in range(self.report_batches)]
 
-    def advance(self, block: nn.Module) -> list[torch.Tensor]:
-        """Move past the pruned ``block``; return its outputs on the report batches."""
+    def advance(self, block: nn.Module, report: bool = True) -> list[torch.Tensor]:
+        """Move past the pruned ``block``; return its outputs on the report batches (``report``:
+        whether they are wanted; a pruned stream computes them anyway)."""
         raise NotImplementedError
 
     def raw(self) -> list[torch.Tensor]:
@@ -271,8 +272,8 @@ class DenseStream(Stream):
             self.dense_outputs = propagate(block, self.states, self.next, self.report_batches,
                                            f"the output of block {index}", self.dp)
 
-    def advance(self, block):
-        pruned = [block(x) for x in self.report_inputs()] if self.report_batches else []
+    def advance(self, block, report=True):
+        pruned = [block(x) for x in self.report_inputs()] if report and self.report_batches else []
         self._move_to(self.next)
         return pruned
 
@@ -289,7 +290,7 @@ class PrunedStream(Stream):
         for x in self.states:
             update(capture(block, site, x))
 
-    def advance(self, block):
+    def advance(self, block, report=True):
         nxt = self.states.spawn()
         pruned = propagate(block, self.states, nxt, self.report_batches, f"the output of block {self.index}", self.dp)
         self._move_to(nxt)
@@ -332,8 +333,8 @@ class TwoStreams(PrunedStream):
             stats.update(h_hat, captured[0])
         check_finite(finite, f"the output of block {self.index} (dense stream)", self.dp)
 
-    def advance(self, block):
-        pruned = super().advance(block)
+    def advance(self, block, report=True):
+        pruned = super().advance(block, report)
         if self.next_dense is None:
             self.next_dense = self.dense_states.spawn()
             with swapped(self.adapter, block, self.dense):

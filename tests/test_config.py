@@ -4,7 +4,6 @@ import os
 
 import pytest
 
-import corp
 from corp.config import METHODS, PruneConfig
 
 

@@ -23,15 +23,13 @@ Two ways to run it:
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 import pytest
 import torch
 
-from timing import Budget, cpu_median_ms, do_bench_median_ms, empty_cache, mm_fp32_out, print_gpu_header
-from timing import pytest_benchmark_cuda, sync
+from timing import Budget, do_bench_median_ms, empty_cache, mm_fp32_out
+from timing import do_bench_main, pytest_benchmark_cuda, sync
 
 GRAM_TOKENS = 65536
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel benchmarks need a CUDA GPU")
@@ -145,27 +143,7 @@ def bench_gram(do_bench, budget: Budget, quick: bool, dev: str = "cuda", dims=(7
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, default=170.0, help="stop starting new cases after this many seconds")
-    parser.add_argument("--quick", action="store_true", help="smallest token count only")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="every case at tiny sizes on the CPU in Triton's interpreter: checks the script, "
-                             "measures nothing meaningful")
-    args = parser.parse_args(argv)
-    if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
-        bench_gram(cpu_median_ms, Budget(args.budget), True, dev="cpu", dims=(40,), scale=256)
-        return 0
-    if not torch.cuda.is_available():
-        print("bench_gram_update: no CUDA device, nothing to measure (the kernel's GPU figures need a GPU)")
-        return 0
-    os.environ.pop("TRITON_INTERPRET", None)
-    from triton.testing import do_bench
-
-    print_gpu_header()
-    torch.manual_seed(0)
-    bench_gram(do_bench, Budget(args.budget), args.quick)
-    return 0
+    return do_bench_main("bench_gram_update", __doc__.split("\n\n")[0], bench_gram, dict(dev="cpu", dims=(40,), scale=256), argv)
 
 
 if __name__ == "__main__":

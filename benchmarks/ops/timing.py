@@ -5,6 +5,7 @@ pytest session collects both folders (neither folder is a package: each is put o
 """
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -112,3 +113,32 @@ def print_gpu_header() -> None:
 
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
           f"{time.strftime('%Y-%m-%d')}")
+
+
+def do_bench_main(name: str, description: str, bench, dry_run_kwargs: dict, argv=None) -> int:
+    """The command line of an op's do_bench table: ``--budget``, ``--quick``, ``--dry-run``.
+
+    ``bench(do_bench, budget, quick, **kwargs)`` prints the table; ``--dry-run`` calls it with
+    :func:`cpu_median_ms` in Triton's interpreter at ``dry_run_kwargs`` (tiny CPU sizes).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--budget", type=float, default=170.0, help="stop starting new cases after this many seconds")
+    parser.add_argument("--quick", action="store_true", help="smallest token count only")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="every case at tiny sizes on the CPU in Triton's interpreter: checks the script, "
+                             "measures nothing meaningful")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+        bench(cpu_median_ms, Budget(args.budget), True, **dry_run_kwargs)
+        return 0
+    if not torch.cuda.is_available():
+        print(f"{name}: no CUDA device, nothing to measure (the kernel's GPU figures need a GPU)")
+        return 0
+    os.environ.pop("TRITON_INTERPRET", None)
+    from triton.testing import do_bench
+
+    print_gpu_header()
+    torch.manual_seed(0)
+    bench(do_bench, Budget(args.budget), args.quick)
+    return 0
