@@ -89,6 +89,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "all": ("all", dict(ALL)),
     "all-pi": ("all-pi", dict(ALL_PI)),
     "corp": ("corp", dict(method="corp")),
+    # q/k selected by the factorised residual (no eigensolve)
+    "corp-factored": ("corp, factored q/k selection", dict(method="corp", selection="residual_factored")),
 }
 
 # name -> (label, kwargs without the budget; "uniform": prune at the same-budget uniform sparsity instead)
@@ -98,6 +100,8 @@ BUDGET_VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "budget-all": ("all + non-uniform", dict(ALL), False),
     "budget-all-pi": ("all-pi + non-uniform", dict(ALL_PI), False),
     "budget-corp": ("corp + budget", dict(method="corp"), False),
+    "budget-corp-factored": ("corp, factored q/k + budget", dict(method="corp", selection="residual_factored"),
+                             False),
 }
 
 QUICK_CALIB = 32

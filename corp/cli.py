@@ -37,6 +37,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import DEFAULT_ATTN_RIDGE, DEFAULT_MLP_RIDGE, __version__
+    from .config import SELECTIONS
     from .ops import BACKENDS
 
     parser = argparse.ArgumentParser(prog="corp", description="One-shot CORP pruning of timm Vision Transformers.")
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=("local", "dense"), default=None,
                    help="dense: error-correcting fits to the dense model's outputs (needs --propagate pruned)")
     p.add_argument("--logit-fit", choices=("pooled", "centred", "per_image"), default=None)
-    p.add_argument("--selection", choices=("energy", "residual"), default=None)
+    p.add_argument("--selection", choices=SELECTIONS, default=None)
     p.add_argument("--budget", type=_fraction, default=None,
                    help="remove this fraction of parameters (or FLOPs) with per-block sparsities by measured error")
     p.add_argument("--budget-metric", choices=("params", "flops"), default="params")

@@ -43,7 +43,9 @@ PROPAGATE_MODES = ("dense", "pruned")
 # "dense": the dense model's own output, which needs the pruned stream too).
 TARGETS = ("local", "dense")
 LOGIT_FITS = ("pooled", "centred", "per_image")
-SELECTIONS = ("energy", "residual")
+# "residual": q/k by the exact damped Sylvester residual (eigensolves); "residual_factored": q/k by
+# the factorised residual of the unregularised fit (no eigensolve, corp.select).
+SELECTIONS = ("energy", "residual", "residual_factored")
 BUDGET_METRICS = ("params", "flops")
 STATE_LOCATIONS = ("auto", "device", "cpu", "disk")
 

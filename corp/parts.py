@@ -27,7 +27,7 @@ from .fit import (
 )
 from .fold import fold_attention, fold_mlp
 from .ops import Kernels
-from .select import EnergySelection, ResidualSelection
+from .select import EnergySelection, FactoredResidualSelection, ResidualSelection
 from .stats import AttentionStatistics, MLPStatistics
 
 __all__ = ["PrunedPart", "AttentionPruner", "MlpPruner", "part_pruners", "PARTS"]
@@ -49,6 +49,8 @@ class PrunedPart:
     seconds_fit: float = 0.0  # the fit's solves and the fold
 
 
+_SELECTIONS = {"energy": EnergySelection, "residual": ResidualSelection,
+               "residual_factored": FactoredResidualSelection}
 _LOGIT_FITS = {"pooled": SylvesterLogitFit, "centred": SylvesterLogitFit, "per_image": PerImageLogitFit}
 
 
@@ -134,8 +136,6 @@ class MlpPruner:
 
 def part_pruners(config: PruneConfig, kernels: Kernels) -> dict[str, object]:
     """The pruner of each part, in block order, with the config's selection."""
-    if config.selection == "residual":
-        selection = ResidualSelection(config.ridge, config.attn_ridge)
-    else:
-        selection = EnergySelection()
+    cls = _SELECTIONS[config.selection]
+    selection = cls() if cls is EnergySelection else cls(config.ridge, config.attn_ridge)
     return {"attn": AttentionPruner(config, kernels, selection), "mlp": MlpPruner(config, kernels, selection)}

@@ -56,10 +56,13 @@ from .stats import AttentionStatistics, MLPStatistics
 __all__ = [
     "EnergySelection",
     "ResidualSelection",
+    "FactoredResidualSelection",
     "select_mlp_channels",
     "select_qk_dims",
     "select_mlp_channels_by_residual",
     "select_qk_dims_by_residual",
+    "select_qk_dims_by_factored_residual",
+    "factored_residual_scores",
     "qk_residual",
     "auto_mlp_step",
     "qk_selection_step",
@@ -73,6 +76,12 @@ __all__ = [
 # 16 blocks 0.17 s (the D³ inverse is a floor of ~0.13 s): 64 blocks costs
 # about as little as coarser blocks and stays within 0.12% of exact.
 AUTO_MLP_BLOCKS = 64
+
+
+# Relative diagonal shift of the q/k Grams in the factorised residual greedy: only there to keep
+# the per-head inverse defined on rank-deficient statistics; small enough that the selection
+# is the unregularised residual's on full-rank ones.
+FACTORED_GRAM_SHIFT = 1e-8
 
 
 def auto_mlp_step(width: int, keep: int) -> int:
@@ -251,6 +260,121 @@ def select_qk_dims_by_residual(
     return torch.sort(kept, dim=1).values.to(home), torch.sort(pruned, dim=1).values.to(home)
 
 
+def _diag_mean(g: torch.Tensor) -> torch.Tensor:
+    return torch.diagonal(g, dim1=-2, dim2=-1).mean(-1)
+
+
+def select_qk_dims_by_factored_residual(
+    gram_q: torch.Tensor, gram_k: torch.Tensor, keep: int, shift: float = FACTORED_GRAM_SHIFT
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head, exact backward greedy on the factorised logit residual, with no eigensolve.
+
+    For the unregularised logit fit the normal equation ``GQ_SS M GK_SS = GQ_SP GK_PS`` is solved
+    by ``M = B_qᵀ B_k`` with ``B_q = GQ_PS GQ_SS⁻¹``, ``B_k = GK_PS GK_SS⁻¹``: the compensated
+    logit is the product of two least-squares predictions of the pruned q and k dims. With the
+    Schur complements ``C_q = GQ_PP − GQ_PS GQ_SS⁻¹ GQ_SP = [(GQ⁻¹)_PP]⁻¹`` (and ``C_k``), the
+    residual (module docstring) becomes
+
+        R(P) = tr(GQ_PP GK_PP) − tr((GQ_PP − C_q)(GK_PP − C_k))
+             = tr(GQ_PP C_k) + tr(C_q GK_PP) − tr(C_q C_k).
+
+    ``(GQ⁻¹)_PP`` is a principal block of ONE inverse per head, so moving dim j from S to P
+    borders it by a row and a column: with ``A = C_q``, ``h = (GQ⁻¹)_{P j}``, ``u = A h``,
+    ``σ = (GQ⁻¹)_jj − hᵀu``, the new ``C_q = [[A + uuᵀ/σ, −u/σ], [−uᵀ/σ, 1/σ]]`` (the same for
+    k with ``v``, ``τ``), and every candidate of every head is scored from the current ``C_q``,
+    ``C_k`` by batched products, ``O(|P|²·d)`` per head and step:
+
+        R(P ∪ {j}) = tr(GQ_PP C_k) + (vᵀGQ_PP v − 2 GQ_{Pj}ᵀv + GQ_jj)/τ
+                   + tr(C_q GK_PP) + (uᵀGK_PP u − 2 GK_{Pj}ᵀu + GK_jj)/σ
+                   − tr(C_q C_k) − vᵀC_q v/τ − uᵀC_k u/σ − (uᵀv + 1)²/(στ).
+
+    The Grams are shifted by ``shift · mean(diag G)`` (tiny by default) so that they are
+    invertible; the residual is then exact for the shifted Grams (tests check it against the
+    Sylvester residual and exhaustive search). Runs on the Grams' device, one host sync in all.
+
+    Args:
+        gram_q, gram_k: ``(H, d, d)`` per-head Grams (keys centred per image where the fit centres them).
+        keep: dims kept per head, ``0 < keep ≤ d``.
+        shift: relative diagonal shift of both Grams.
+
+    Returns:
+        ``(kept, pruned)``: long tensors ``(H, keep)``, ``(H, d − keep)``, sorted per head.
+    """
+    heads, d, _ = gram_q.shape
+    if gram_k.shape != gram_q.shape or gram_q.shape[2] != d:
+        raise ValueError(f"Grams must both be (H, d, d); got {tuple(gram_q.shape)}, {tuple(gram_k.shape)}")
+    if not 0 < keep <= d:
+        raise ValueError(f"keep must be in 1..{d}, got {keep}")
+    dev = gram_q.device
+    grams, inv = _shifted_grams_and_inverses(gram_q, gram_k, shift)
+    schur = grams.new_zeros(2, heads, 0, 0)  # (C_q, C_k) for the current P
+    pruned = torch.zeros(heads, 0, dtype=torch.long, device=dev)
+    taken = torch.zeros(heads, d, dtype=torch.bool, device=dev)
+    rows = torch.arange(heads, device=dev)
+    for _ in range(d - keep):
+        p = pruned.shape[1]
+        score, uv, sigma = _factored_scores(grams, inv, schur, pruned)
+        j = score.masked_fill(taken, float("inf")).argmin(1)  # (H,)
+        u_j = torch.gather(uv, 3, j[None, :, None, None].expand(2, heads, p, 1))[..., 0]  # (2, H, p)
+        s_j = sigma[:, rows, j]  # (2, H)
+        top = schur + u_j[..., :, None] * u_j[..., None, :] / s_j[..., None, None]
+        side = -u_j / s_j[..., None]
+        schur = torch.cat([torch.cat([top, side[..., :, None]], 3),
+                           torch.cat([side[..., None, :], (1 / s_j)[..., None, None]], 3)], 2)
+        pruned = torch.cat([pruned, j[:, None]], 1)
+        taken[rows, j] = True
+    kept = torch.arange(d, device=dev).expand(heads, d)[~taken].view(heads, keep)
+    return kept, torch.sort(pruned, dim=1).values
+
+
+def _shifted_grams_and_inverses(gram_q, gram_k, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(2, H, d, d)`` stacks of the shifted Grams (q, k) and of their inverses (fp64)."""
+    heads, d, _ = gram_q.shape
+    dev = gram_q.device
+    eye = torch.eye(d, dtype=torch.float64, device=dev)
+    grams = torch.stack([g.to(torch.float64) for g in (gram_q, gram_k)])
+    grams = grams + shift * _diag_mean(grams)[..., None, None] * eye
+    factor, _, ok = cholesky_with_retries(grams.flatten(0, 1), torch.zeros(2 * heads, dtype=torch.float64, device=dev))
+    if not bool(ok.all()):
+        raise FloatingPointError("query/key Grams could not be factored even with increased damping")
+    return grams, torch.cholesky_inverse(factor).view(2, heads, d, d)
+
+
+def _factored_scores(grams, inv, schur, pruned) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``R(P ∪ {j})`` for every head and every dim j ``(H, d)`` (meaningless for j ∈ P), from the
+    Schur complements ``schur = (C_q, C_k)`` ``(2, H, p, p)`` of the current ``P`` ``(H, p)``;
+    also ``(u, v)`` ``(2, H, p, d)`` and ``(σ, τ)`` ``(2, H, d)`` for the bordering update."""
+    _, heads, d, _ = grams.shape
+    p = pruned.shape[1]
+    idx = pruned[None, :, :, None].expand(2, heads, p, d)
+    inv_p = torch.gather(inv, 2, idx)  # (2, H, p, d): (G⁻¹)_{P, all}
+    gram_p = torch.gather(grams, 2, idx)  # G_{P, all}
+    gram_pp = torch.gather(gram_p, 3, pruned[None, :, None, :].expand(2, heads, p, p))
+    uv = schur @ inv_p  # u (q) and v (k) for every candidate
+    sigma = torch.diagonal(inv, dim1=-2, dim2=-1) - (inv_p * uv).sum(2)  # σ, τ
+    # each side's vector meets the OTHER side's matrices: uᵀGK_PP u, vᵀGQ_PP v, GK_{Pj}ᵀu, ...
+    quad_g = (uv * (gram_pp.flip(0) @ uv)).sum(2)
+    cross_g = (gram_p.flip(0) * uv).sum(2)
+    quad_c = (uv * (schur.flip(0) @ uv)).sum(2)
+    dot = (uv[0] * uv[1]).sum(1)  # uᵀv
+    base = (gram_pp[0] * schur[1]).sum((1, 2)) + (schur[0] * gram_pp[1]).sum((1, 2)) \
+        - (schur[0] * schur[1]).sum((1, 2))
+    gain = (quad_g - 2 * cross_g + torch.diagonal(grams, dim1=-2, dim2=-1).flip(0) - quad_c) / sigma
+    return base[:, None] + gain.sum(0) - (dot + 1) ** 2 / (sigma[0] * sigma[1]), uv, sigma
+
+
+def factored_residual_scores(gram_q: torch.Tensor, gram_k: torch.Tensor, pruned: torch.Tensor,
+                             shift: float = FACTORED_GRAM_SHIFT) -> torch.Tensor:
+    """``R(P ∪ {j})`` ``(H, d)`` of :func:`select_qk_dims_by_factored_residual` for a given pruned set
+    ``P`` ``(H, p)`` (its Schur complements formed directly, not by bordering)."""
+    grams, inv = _shifted_grams_and_inverses(gram_q, gram_k, shift)
+    p = pruned.shape[1]
+    idx = pruned[None, :, :, None].expand(2, pruned.shape[0], p, grams.shape[-1])
+    inv_pp = torch.gather(torch.gather(inv, 2, idx), 3, pruned[None, :, None, :].expand(2, pruned.shape[0], p, p))
+    schur = torch.linalg.inv(inv_pp) if p else inv_pp
+    return _factored_scores(grams, inv, schur, pruned)[0]
+
+
 # ---------------------------------------------------------------------------
 # Energy (the paper)
 # ---------------------------------------------------------------------------
@@ -305,7 +429,9 @@ class EnergySelection:
 
 class ResidualSelection:
     """Backward greedy on what the compensation leaves (module docstring); ``ridge``/``attn_ridge``
-    as the fits'."""
+    as the fits'. q/k dims by the exact damped residual of the Sylvester fit
+    (:func:`select_qk_dims_by_residual`: batched eigensolves on the CPU, ``qk_selection_step``
+    dims per iteration)."""
 
     needs_covariance = True
 
@@ -320,3 +446,16 @@ class ResidualSelection:
         d = stats.head_dim
         return select_qk_dims_by_residual(stats.gram_q, stats.key_gram(), keep, self.attn_ridge,
                                           step=qk_selection_step(d, keep))
+
+
+class FactoredResidualSelection(ResidualSelection):
+    """:class:`ResidualSelection` with q/k dims by the factorised residual
+    (:func:`select_qk_dims_by_factored_residual`: exact greedy, no eigensolve, on the statistics'
+    device) of Grams shifted by ``shift`` (relative)."""
+
+    def __init__(self, ridge: float, attn_ridge: float, shift: float = FACTORED_GRAM_SHIFT):
+        super().__init__(ridge, attn_ridge)
+        self.shift = shift
+
+    def select_qk(self, stats: AttentionStatistics, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return select_qk_dims_by_factored_residual(stats.gram_q, stats.key_gram(), keep, self.shift)

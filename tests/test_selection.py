@@ -1,4 +1,4 @@
-"""Selection by the residual left after compensation (corp/selection.py).
+"""Selection by the residual left after compensation (corp/select.py).
 
 References are independent of the code under test: sample-level evaluation of
 the fitted compensation (fits of corp.fit), exhaustive search over
@@ -12,7 +12,13 @@ import pytest
 import torch
 from timm.layers import Mlp
 
-from corp.select import _mlp_greedy, select_mlp_channels_by_residual, select_qk_dims_by_residual
+from corp.select import (
+    _mlp_greedy,
+    factored_residual_scores,
+    select_mlp_channels_by_residual,
+    select_qk_dims_by_factored_residual,
+    select_qk_dims_by_residual,
+)
 
 from stages import (
     attention_compensation,
@@ -256,3 +262,75 @@ def test_devices_and_dtypes_of_outputs():
     assert kq.shape == (2, 4) and pq.shape == (2, 0) and kq.dtype == torch.long
     with pytest.raises(ValueError):
         select_mlp_channels_by_residual(cov, torch.randn(3, 10), 0, 1e-3)
+
+
+# ---------------------------------------------------------------------------- factorised q/k residual
+
+
+def test_factored_scores_equal_the_sylvester_residual_of_every_candidate():
+    """R(P ∪ {j}) from Schur complements == the residual of the (unregularised) Sylvester fit, token pairs."""
+    heads, d, n = 3, 7, 40
+    q, k = _qk_tokens(4, heads, d, n)
+    gq, gk = q.transpose(1, 2) @ q, k.transpose(1, 2) @ k
+    for pruned in (torch.zeros(heads, 0, dtype=torch.long), torch.tensor([[1, 3], [0, 6], [2, 5]])):
+        scores = factored_residual_scores(gq, gk, pruned, shift=0.0)
+        for hd in range(heads):
+            for j in range(d):
+                if j in pruned[hd].tolist():
+                    continue
+                p = torch.tensor(sorted(pruned[hd].tolist() + [j]))
+                s = _complement(p, d)
+                m, _ = attention_compensation(gq[hd:hd + 1], gk[hd:hd + 1], s[None], p[None], 1e-16)
+                ref = (q[hd][:, p] @ k[hd][:, p].T - q[hd][:, s] @ m[0] @ k[hd][:, s].T).pow(2).sum()
+                assert float(scores[hd, j]) == pytest.approx(float(ref), rel=1e-7)
+
+
+@pytest.mark.parametrize("seed,keep", [(1, 6), (2, 3), (3, 9)])
+def test_factored_greedy_is_the_brute_force_greedy(seed, keep):
+    """The bordering updates reproduce, step by step, a greedy that re-solves every candidate's fit."""
+    heads, d, n = 2, 10, 120
+    q, k = _qk_tokens(seed, heads, d, n)
+    gq, gk = q.transpose(1, 2) @ q, k.transpose(1, 2) @ k
+    kept, pruned = select_qk_dims_by_factored_residual(gq, gk, keep, shift=0.0)
+    assert torch.equal(torch.sort(torch.cat([kept, pruned], 1), 1).values, torch.arange(d).repeat(heads, 1))
+    for hd in range(heads):
+        alive = list(range(d))
+        while len(alive) > keep:
+            cands = torch.tensor([[i for i in alive if i != j] for j in alive])
+            comps = torch.stack([_complement(c, d) for c in cands])
+            rep = lambda g: g[hd:hd + 1].expand(len(alive), -1, -1)  # noqa: E731
+            res = qk_compensated_residual(rep(gq), rep(gk), cands, comps, 1e-16)
+            alive.pop(int(res.argmin()))
+        assert kept[hd].tolist() == alive
+
+
+def test_factored_greedy_drops_duplicates_and_beats_the_heuristic():
+    heads, n = 2, 60
+    g = torch.Generator().manual_seed(3)
+    scale = torch.tensor([2.0, 2.0, 1.0, 1.0], dtype=F64)
+    q4 = torch.randn(heads, n, 4, generator=g, dtype=F64) * scale
+    k4 = torch.randn(heads, n, 4, generator=g, dtype=F64) * scale
+    q, k = torch.cat([q4, q4], 2), torch.cat([k4, k4], 2)
+    gq, gk = q.transpose(1, 2) @ q, k.transpose(1, 2) @ k  # rank 4 of 8: the shift keeps them invertible
+    kept, _ = select_qk_dims_by_factored_residual(gq, gk, 4)
+    for r in kept:
+        assert sorted(i % 4 for i in r.tolist()) == [0, 1, 2, 3]
+    heads, d, keep = 4, 12, 6
+    tot_greedy = tot_heur = 0.0
+    for seed in (1, 2, 3):
+        q, k = _qk_tokens(seed, heads, d, 200)
+        gq, gk = q.transpose(1, 2) @ q, k.transpose(1, 2) @ k
+        kept, pruned = select_qk_dims_by_factored_residual(gq, gk, keep)
+        tot_greedy += float(qk_compensated_residual(gq, gk, kept, pruned, 1e-3).sum())
+        tot_heur += float(qk_compensated_residual(gq, gk, *select_qk_dims((q * q * k * k).sum(1), keep), 1e-3).sum())
+    assert tot_greedy < 0.95 * tot_heur
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_factored_greedy_same_kept_sets_on_cuda():
+    q, k = _qk_tokens(5, 6, 16, 300)
+    gq, gk = q.transpose(1, 2) @ q, k.transpose(1, 2) @ k
+    cpu = select_qk_dims_by_factored_residual(gq, gk, 8)
+    gpu = select_qk_dims_by_factored_residual(gq.cuda(), gk.cuda(), 8)
+    assert gpu[0].device.type == "cuda"
+    assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
