@@ -154,8 +154,9 @@ def _hook(module: nn.Module, fn, stop: bool) -> Iterator[None]:
         handle.remove()
 
 
-def capture(block: nn.Module, site: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The output of ``site`` inside ``block(x)`` (the rest of the block is skipped)."""
+def capture(block, site: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output of ``site`` inside ``block(x)`` (the rest of the block is skipped); ``block``: a
+    module or any callable that runs ``site``."""
     out: list[torch.Tensor] = []
     with _hook(site, out.append, stop=True):
         try:
@@ -190,7 +191,7 @@ def check_finite(ok: bool, where: str, dp) -> None:
         raise ValueError(f"non-finite activations (NaN or Inf) at {where}")
 
 
-def propagate(block: nn.Module, states: HiddenStates, out: HiddenStates, keep: int, where: str, dp) -> list[torch.Tensor]:
+def propagate(block, states: HiddenStates, out: HiddenStates, keep: int, where: str, dp) -> list[torch.Tensor]:
     """Run ``block`` over every batch of ``states`` into ``out``; return the first ``keep`` outputs."""
     finite, kept = True, []
     for j, x in enumerate(states):
@@ -279,7 +280,23 @@ class DenseStream(Stream):
 
 
 class PrunedStream(Stream):
-    """Statistics from the outputs of the already-pruned blocks (SparseGPT's schedule)."""
+    """Statistics from the outputs of the already-pruned blocks (SparseGPT's schedule).
+
+    The MLP's statistics need the pruned attention's output; that pass keeps the residual
+    stream after the attention (``after_attention``), so :meth:`advance` runs only the MLP half
+    of the block: per block one qkv projection, one forward up to the MLP's hidden activation,
+    and one pruned MLP half, instead of running the pruned attention twice.
+    """
+
+    def begin(self, block, index, stats, dense):
+        super().begin(block, index, stats, dense)
+        self.after_attention: Optional[HiddenStates] = None
+
+    def _attention_halves(self, block) -> tuple:
+        """The block's two halves; the first one's outputs are kept for :meth:`advance`."""
+        first, second = self.adapter.halves(block)
+        self.after_attention = self.states.spawn()
+        return first, second
 
     def fill(self, block, name, stats):
         site, update = self._sites(block, {name: stats})[0]
@@ -287,12 +304,22 @@ class PrunedStream(Stream):
             for qkv in self.qkv_batches(block):
                 update(qkv)
             return
+        first, second = self._attention_halves(block)
         for x in self.states:
-            update(capture(block, site, x))
+            y = first(x)
+            self.after_attention.append(y)
+            update(capture(second, site, y))
 
     def advance(self, block, report=True):
         nxt = self.states.spawn()
-        pruned = propagate(block, self.states, nxt, self.report_batches, f"the output of block {self.index}", self.dp)
+        where = f"the output of block {self.index}"
+        if self.after_attention is not None:  # only the MLP half is left to run
+            second = self.adapter.halves(block)[1]
+            pruned = propagate(second, self.after_attention, nxt, self.report_batches, where, self.dp)
+            self.after_attention.close()
+            self.after_attention = None
+        else:
+            pruned = propagate(block, self.states, nxt, self.report_batches, where, self.dp)
         self._move_to(nxt)
         return pruned
 
@@ -322,9 +349,12 @@ class TwoStreams(PrunedStream):
         # the MLP: ĥ from the pruned block; h from the dense stream's one full forward, which is
         # also that stream's next input
         site = a.mlp(block).hidden_site
+        first, second = self._attention_halves(block)
         self.next_dense, finite = self.dense_states.spawn(), True
         for j, x in enumerate(self.states):
-            h_hat = capture(block, site, x)
+            y = first(x)
+            self.after_attention.append(y)
+            h_hat = capture(second, site, y)
             captured: list[torch.Tensor] = []
             with swapped(a, block, {"attn": self.dense["attn"]}), _hook(site, captured.append, stop=False):
                 y = block(self.dense_states[j])

@@ -136,6 +136,11 @@ class ModelAdapter:
         """Put ``module`` in ``block`` as its ``"attn"`` or ``"mlp"``."""
         raise NotImplementedError
 
+    def halves(self, block: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+        """``(first, second)`` with ``block(x) == second(first(x))``: ``first`` the attention with
+        its residual, ``second`` the MLP with its residual (computed the same way, bit for bit)."""
+        raise NotImplementedError
+
     def widths(self, block: nn.Module) -> dict[str, int]:
         """``{"mlp_hidden": D_h, "qk_dim": q/k width per head}`` of a dense or pruned block."""
         raise NotImplementedError

@@ -352,6 +352,16 @@ class TimmViT(ModelAdapter):
             raise ValueError(f"unknown block part {part!r}")
         setattr(block, part, module)
 
+    def halves(self, block: nn.Module):
+        # as timm's Block.forward computes them (no attention mask inside a ViT)
+        def first(x):
+            return x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+
+        def second(y):
+            return y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
+
+        return first, second
+
     def widths(self, block: nn.Module) -> dict[str, int]:
         return {"mlp_hidden": block.mlp.fc1.out_features, "qk_dim": _qk_width(block.attn)}
 
