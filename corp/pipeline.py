@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import itertools
 import time
+import warnings
 from dataclasses import asdict
 from typing import Callable, Optional
 
@@ -166,6 +167,7 @@ def prune(
             stream.fill(block, name, stats[name])  # the pruned streams fill each part's statistics here
             stats[name].reduce_(dp)
             stats[name].check_finite(i)
+            run.warn_if_rank_deficient(i, stats[name])
             record.seconds_statistics += time.perf_counter() - tick
             ctx = FitContext(run.kernels, dp, qkv_batches=lambda: stream.qkv_batches(block))
             result = pruner.prune(adapter, block, stats.pop(name), run.sparsity[name][i], ctx)
@@ -288,6 +290,18 @@ class _Run:
             store.append(x)
         check_finite(finite, "the patch embedding output", self.dp)
         return store
+
+    def warn_if_rank_deficient(self, index: int, stats) -> None:
+        """Warn once per run when a block's statistics have fewer tokens than channels."""
+        if stats.count >= stats.channels or self.warned_rank_deficient:
+            return
+        self.warned_rank_deficient = True
+        warnings.warn(
+            f"block {index}: {stats.count} calibration tokens for {stats.channels} {stats.kind} channels: the "
+            "covariance is singular, so compensation relies on its damping and residual selection has exact ties; "
+            "use more calibration images", stacklevel=3)
+
+    warned_rank_deficient = False
 
     def block_indices(self, progress: bool):
         indices = range(self.first_block, len(self.blocks))

@@ -105,11 +105,12 @@ def _spd_inverse(matrix: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]
 
 def _mlp_greedy(
     cov: torch.Tensor, w2: torch.Tensor, keep: int, damping: float, step: int
-) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Backward OBS elimination on ``J`` (module docstring) with absolute damping λ.
 
     Returns the kept indices (unsorted), the removed blocks in order, and the
-    predicted increase of ``J`` for each block, ``tr(W'_J Hinv_JJ⁻¹ W'_Jᵀ)``.
+    predicted increase of ``J`` for each block, ``tr(W'_J Hinv_JJ⁻¹ W'_Jᵀ)`` (0-d tensors:
+    the loop never waits for the device, except to compact the inverse a few times).
     """
     width = cov.shape[0]
     hinv, _ = _spd_inverse(cov, damping)
@@ -118,7 +119,7 @@ def _mlp_greedy(
     live = torch.ones(width, dtype=torch.bool, device=cov.device)  # rows/columns still in K
     left = width
     removed: list[torch.Tensor] = []
-    increases: list[float] = []
+    increases: list[torch.Tensor] = []
     while left > keep:
         b = min(step, left - keep)
         score = (wp * wp).sum(0) / torch.diagonal(hinv)  # single-drop increase of J for every kept channel
@@ -127,9 +128,9 @@ def _mlp_greedy(
         c = hinv[drop[:, None], drop]  # (b, b) Hinv_JJ, SPD (principal block of an SPD inverse)
         u = hinv[:, drop]  # (n, b) Hinv_{·J}
         w_j = wp[:, drop]  # (out, b)
-        lc = torch.linalg.cholesky(c)
+        lc, _ = torch.linalg.cholesky_ex(c)  # a principal block of an SPD inverse factors: no check (no sync)
         x = torch.cholesky_solve(u.T.contiguous(), lc)  # (b, n) Hinv_JJ⁻¹ Hinv_J·
-        increases.append(float((w_j * torch.cholesky_solve(w_j.T.contiguous(), lc).T).sum()))
+        increases.append((w_j * torch.cholesky_solve(w_j.T.contiguous(), lc).T).sum())
         # Group OBS: re-optimise the survivors after removing the whole block, in place. Rows and
         # columns of removed channels become (numerically) zero and are never read again: compacting
         # the n×n inverse every step cost more memory traffic than the rank-b update itself.

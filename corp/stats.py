@@ -75,6 +75,7 @@ class _Statistics:
 
     count: int
     kind: str = ""  # what the statistics describe, for error messages
+    channels: int = 0  # the width whose covariance the statistics estimate
 
     def tensors(self) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -103,6 +104,7 @@ class MLPStatistics(_Statistics):
     def __init__(self, hidden: int, device: torch.device, kernels: Kernels = REFERENCE, full: bool = True,
                  cross: bool = False):
         self.count = 0
+        self.channels = hidden
         self.kernels = kernels
         self.full = full or cross
         self.colsum = torch.zeros(hidden, dtype=torch.float64, device=device)
@@ -191,6 +193,7 @@ class AttentionStatistics(_Statistics):
     def __init__(self, num_heads: int, head_dim: int, device: torch.device, kernels: Kernels = REFERENCE,
                  centre_keys: bool = False, cross: bool = False):
         self.num_heads, self.head_dim = num_heads, head_dim
+        self.channels = head_dim
         self.kernels = kernels
         self.count = 0
         self.centre_keys = centre_keys

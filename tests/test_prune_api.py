@@ -1,4 +1,6 @@
 """corp.prune: inputs, outputs, the untouched original, and clear errors on bad input."""
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -181,3 +183,14 @@ def test_already_pruned_model_is_refused(model, images):
     pruned = corp.prune(model, images, attn_sparsity=0.5)
     with pytest.raises(ValueError, match="already pruned"):
         corp.prune(pruned, images, attn_sparsity=0.5)
+
+
+def test_fewer_tokens_than_channels_warns_once_naming_the_block():
+    model = tiny_vit(mlp_ratio=8.0)  # 384 hidden channels; 2 images × 10 tokens = 20 tokens
+    images = torch.randn(2, 3, 24, 24)
+    with pytest.warns(UserWarning, match=r"block 0: 20 calibration tokens for 384 MLP channels") as record:
+        corp.prune(model, images, mlp_sparsity=0.5)
+    assert sum("calibration tokens for" in str(w.message) for w in record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        corp.prune(model, torch.randn(40, 3, 24, 24), mlp_sparsity=0.5, attn_sparsity=0.5)  # 400 tokens: quiet

@@ -99,7 +99,7 @@ def test_mlp_greedy_predicted_increase_is_exact(damping):
         pruned = torch.tensor(sorted(gone))
         kept = _complement(pruned, 12)
         j = _mlp_ridge_objective(cov, w2, kept, pruned, damping)
-        assert inc == pytest.approx(j - prev_j, rel=1e-9, abs=1e-12)
+        assert float(inc) == pytest.approx(j - prev_j, rel=1e-9, abs=1e-12)
         # J = error (with this absolute λ) + λ(‖W2_P‖² + ‖W2_P B‖²)
         h_ss = cov[kept][:, kept] + damping * torch.eye(kept.numel(), dtype=F64)
         coef = torch.linalg.solve(h_ss, cov[kept][:, pruned]).T
