@@ -37,7 +37,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import DEFAULT_ATTN_RIDGE, DEFAULT_MLP_RIDGE, __version__
-    from .config import SELECTIONS
+    from .config import LOGIT_SOLVES, SELECTIONS
     from .ops import BACKENDS
 
     parser = argparse.ArgumentParser(prog="corp", description="One-shot CORP pruning of timm Vision Transformers.")
@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dense: error-correcting fits to the dense model's outputs (needs --propagate pruned)")
     p.add_argument("--logit-fit", choices=("pooled", "centred", "per_image"), default=None)
     p.add_argument("--selection", choices=SELECTIONS, default=None)
+    p.add_argument("--logit-solve", choices=LOGIT_SOLVES, default=None,
+                   help="sylvester: exact damped logit fit (eigen form); factored: two ridge regressions")
     p.add_argument("--budget", type=_fraction, default=None,
                    help="remove this fraction of parameters (or FLOPs) with per-block sparsities by measured error")
     p.add_argument("--budget-metric", choices=("params", "flops"), default="params")
@@ -149,6 +151,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         target=args.target,
         logit_fit=args.logit_fit,
         selection=args.selection,
+        logit_solve=args.logit_solve,
         budget=args.budget,
         budget_metric=args.budget_metric,
         ridge=args.ridge,

@@ -22,6 +22,7 @@ __all__ = [
     "TARGETS",
     "LOGIT_FITS",
     "SELECTIONS",
+    "LOGIT_SOLVES",
     "BUDGET_METRICS",
     "STATE_LOCATIONS",
     "kept_count",
@@ -46,6 +47,9 @@ LOGIT_FITS = ("pooled", "centred", "per_image")
 # "residual": q/k by the exact damped Sylvester residual (eigensolves); "residual_factored": q/k by
 # the factorised residual of the unregularised fit (no eigensolve, corp.select).
 SELECTIONS = ("energy", "residual", "residual_factored")
+# how the pooled / centred logit fit is solved: the exact damped Sylvester equation (eigen form)
+# or two damped ridge regressions, q and k sides (batched Cholesky, corp.fit.FactoredLogitFit)
+LOGIT_SOLVES = ("sylvester", "factored")
 BUDGET_METRICS = ("params", "flops")
 STATE_LOCATIONS = ("auto", "device", "cpu", "disk")
 
@@ -58,8 +62,9 @@ STATE_LOCATIONS = ("auto", "device", "cpu", "disk")
 # B 98.44 = 98.44). Error-correcting targets lost 1-2 test images at 50% on model B, and
 # the per-image fit matched the centred one at more cost, so neither is in the default.
 METHODS = {
-    "paper": dict(propagate="dense", target="local", logit_fit="pooled", selection="energy"),
-    "corp": dict(propagate="pruned", target="local", logit_fit="centred", selection="residual"),
+    "paper": dict(propagate="dense", target="local", logit_fit="pooled", selection="energy", logit_solve="sylvester"),
+    "corp": dict(propagate="pruned", target="local", logit_fit="centred", selection="residual",
+                 logit_solve="sylvester"),
 }
 
 Sparsity = Union[float, Sequence[float]]
@@ -109,6 +114,7 @@ class PruneConfig:
     propagate: str = METHODS["corp"]["propagate"]
     target: str = METHODS["corp"]["target"]
     logit_fit: str = METHODS["corp"]["logit_fit"]
+    logit_solve: str = METHODS["corp"]["logit_solve"]
     selection: str = METHODS["corp"]["selection"]
     budget: Optional[float] = None
     budget_metric: str = "params"
@@ -122,12 +128,13 @@ class PruneConfig:
 
     @classmethod
     def create(cls, *, method: str = "corp", propagate: Optional[str] = None, target: Optional[str] = None,
-               logit_fit: Optional[str] = None, selection: Optional[str] = None, **kwargs) -> "PruneConfig":
+               logit_fit: Optional[str] = None, selection: Optional[str] = None, logit_solve: Optional[str] = None,
+               **kwargs) -> "PruneConfig":
         """The config of ``method``'s preset with the given options (None: the preset's) overriding it."""
         _choice("method", method, tuple(METHODS))
         chosen = dict(METHODS[method])
         for name, value in (("propagate", propagate), ("target", target), ("logit_fit", logit_fit),
-                            ("selection", selection)):
+                            ("selection", selection), ("logit_solve", logit_solve)):
             if value is not None:
                 chosen[name] = value
         if chosen["target"] == "dense" and chosen["propagate"] != "pruned" and target is None:
@@ -144,6 +151,10 @@ class PruneConfig:
         _choice("target", self.target, TARGETS)
         _choice("logit_fit", self.logit_fit, LOGIT_FITS)
         _choice("selection", self.selection, SELECTIONS)
+        _choice("logit_solve", self.logit_solve, LOGIT_SOLVES)
+        if self.logit_solve == "factored" and (self.logit_fit == "per_image" or self.target == "dense"):
+            raise ValueError("logit_solve='factored' applies to the pooled and centred logit fits "
+                             "(not logit_fit='per_image' or target='dense')")
         _choice("backend", self.backend, BACKENDS)
         _choice("states", self.states, STATE_LOCATIONS)
         for name in ("ridge", "attn_ridge"):

@@ -55,6 +55,7 @@ __all__ = [
     "SylvesterLogitFit",
     "PerImageLogitFit",
     "ErrorCorrectingLogitFit",
+    "FactoredLogitFit",
     "PerImageLogitSystem",
     "FitContext",
     "damping",
@@ -214,6 +215,32 @@ class SylvesterLogitFit:
         rhs = sub_blocks(gram_q, kept, pruned) @ sub_blocks(gram_k, pruned, kept)
         lam = damping(self.ridge, logit_scale(q_ss, k_ss))
         return sylvester_solve(q_ss, k_ss, rhs, lam), lam
+
+
+class FactoredLogitFit:
+    """The logit fit as two ridge regressions (``logit_solve="factored"``): the unregularised
+    normal equation ``GQ_SS M GK_SS = GQ_SP GK_PS`` is solved by ``M = B_qᵀ B_k`` with
+    ``B_qᵀ = GQ_SS⁻¹ GQ_SP`` and ``B_kᵀ = GK_SS⁻¹ GK_SP`` (the least-squares predictions of the
+    pruned q and k dims from the kept ones). Here each side is damped,
+    ``(GQ_SS + αI) B_qᵀ = GQ_SP``, ``α = ridge · mean(diag GQ_SS)`` (β likewise), and the two
+    are one batched Cholesky ridge solve over heads (``corp::ridge_solve``). Keys as the
+    statistics' key Gram (centred per image for ``"centred"``)."""
+
+    def __init__(self, ridge: float):
+        self.ridge = ridge
+
+    def fit(self, stats: AttentionStatistics, kept: torch.Tensor, pruned: torch.Tensor,
+            ctx: FitContext) -> tuple[torch.Tensor, torch.Tensor]:
+        grams = torch.cat([stats.gram_q, stats.key_gram()])  # (2H, d, d): q heads, then k heads
+        both_kept, both_pruned = torch.cat([kept, kept]), torch.cat([pruned, pruned])
+        ss = sub_blocks(grams, both_kept, both_kept)
+        lam = damping(self.ridge, torch.diagonal(ss, dim1=1, dim2=2).mean(1))
+        sol = ctx.kernels.ridge_solve(ss, sub_blocks(grams, both_kept, both_pruned), lam)
+        if not bool(sol.ok.all()):
+            raise FloatingPointError("query/key ridge systems could not be factored even with increased damping")
+        heads = kept.shape[0]
+        b_q_t, b_k_t = sol.solution[:heads], sol.solution[heads:]  # (H, s, p): B_qᵀ, B_kᵀ
+        return b_q_t @ b_k_t.transpose(1, 2), sol.damping[:heads] * sol.damping[heads:]
 
 
 class ErrorCorrectingLogitFit:

@@ -18,6 +18,7 @@ import torch.nn as nn
 from .config import PruneConfig, kept_count
 from .fit import (
     ErrorCorrectingLogitFit,
+    FactoredLogitFit,
     FitContext,
     MlpErrorCorrectingFit,
     MlpFit,
@@ -62,7 +63,12 @@ class AttentionPruner:
     def __init__(self, config: PruneConfig, kernels: Kernels, selection):
         self.config, self.kernels, self.selection = config, kernels, selection
         self.correcting = config.error_correcting and config.compensate
-        fit_class = ErrorCorrectingLogitFit if self.correcting else _LOGIT_FITS[config.logit_fit]
+        if self.correcting:
+            fit_class = ErrorCorrectingLogitFit
+        elif config.logit_solve == "factored":
+            fit_class = FactoredLogitFit
+        else:
+            fit_class = _LOGIT_FITS[config.logit_fit]
         self.fit = fit_class(config.attn_ridge) if config.compensate else None
 
     def statistics(self, adapter, block: nn.Module) -> AttentionStatistics:

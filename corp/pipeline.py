@@ -50,6 +50,7 @@ def prune(
     target: Optional[str] = None,
     logit_fit: Optional[str] = None,
     selection: Optional[str] = None,
+    logit_solve: Optional[str] = None,
     budget: Optional[float] = None,
     budget_metric: str = "params",
     ridge: float = DEFAULT_MLP_RIDGE,
@@ -96,8 +97,12 @@ def prune(
             ``"centred"`` (keys centred per image, what softmax sees; one pass) or
             ``"per_image"`` (exact within-image objective; a second pass over the
             qkv projection), see :mod:`corp.fit`.
-        selection: ``"energy"`` (paper: E[h²]·weight norms; Σq²k²) or
-            ``"residual"`` (what the compensation cannot recover, :mod:`corp.select`).
+        selection: ``"energy"`` (paper: E[h²]·weight norms; Σq²k²), ``"residual"`` (what the
+            compensation cannot recover, :mod:`corp.select`; q/k by the damped Sylvester residual) or
+            ``"residual_factored"`` (q/k by the factorised residual: no eigensolve, on the device).
+        logit_solve: how the pooled/centred logit fit is solved: ``"sylvester"`` (the exact damped
+            equation, eigen form) or ``"factored"`` (two damped ridge regressions, q and k sides,
+            one batched Cholesky solve; :class:`corp.fit.FactoredLogitFit`).
         budget: remove this fraction of the model's parameters (or FLOPs, see
             ``budget_metric``) with per-block sparsities allocated by each block's
             measured compensated error (:mod:`corp.budget`); a first pass
@@ -143,8 +148,8 @@ def prune(
     start = time.perf_counter()
     config = PruneConfig.create(
         method=method, propagate=propagate, target=target, logit_fit=logit_fit, selection=selection,
-        mlp_sparsity=mlp_sparsity, attn_sparsity=attn_sparsity, compensate=compensate, budget=budget,
-        budget_metric=budget_metric, ridge=ridge, attn_ridge=attn_ridge, batch_size=batch_size,
+        logit_solve=logit_solve, mlp_sparsity=mlp_sparsity, attn_sparsity=attn_sparsity, compensate=compensate,
+        budget=budget, budget_metric=budget_metric, ridge=ridge, attn_ridge=attn_ridge, batch_size=batch_size,
         max_images=max_images, backend=backend, states=states, report_images=report_images,
     )
     if config.error_correcting and checkpoint_dir is not None:

@@ -9,9 +9,9 @@ from corp.config import METHODS, PruneConfig
 
 def test_presets_are_the_methods_and_options_override_them():
     paper = PruneConfig.create(method="paper")
-    assert (paper.propagate, paper.target, paper.logit_fit, paper.selection) == tuple(METHODS["paper"].values())
+    assert {k: getattr(paper, k) for k in METHODS["paper"]} == METHODS["paper"]
     default = PruneConfig.create()
-    assert (default.propagate, default.target, default.logit_fit, default.selection) == tuple(METHODS["corp"].values())
+    assert {k: getattr(default, k) for k in METHODS["corp"]} == METHODS["corp"]
     mixed = PruneConfig.create(method="paper", selection="residual", logit_fit="centred")
     assert (mixed.propagate, mixed.selection, mixed.logit_fit) == ("dense", "residual", "centred")
     assert mixed.centred_keys and not mixed.error_correcting
@@ -33,6 +33,9 @@ def test_config_is_frozen_and_sparsities_normalised():
     (dict(target="dense", propagate="dense"), "needs propagate='pruned'"),
     (dict(target="dense", logit_fit="per_image"), "per_image' cannot be combined"),
     (dict(budget=0.5, mlp_sparsity=0.25), "either budget or"),
+    (dict(logit_solve="svd"), "logit_solve must be one of"),
+    (dict(logit_solve="factored", logit_fit="per_image"), "applies to the pooled and centred"),
+    (dict(logit_solve="factored", target="dense"), "applies to the pooled and centred"),
     (dict(budget=1.5), "budget must be a fraction"),
     (dict(budget=0.5, budget_metric="watts"), "budget_metric must be one of"),
     (dict(ridge=0.0), "ridge must be a positive finite"),

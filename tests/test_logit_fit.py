@@ -208,3 +208,38 @@ def test_softmax_is_closer_with_large_per_image_key_component():
     kl_none = kl(torch.zeros_like(m_img))
     assert kl_img < kl_paper and kl_cent < kl_paper, (kl_none, kl_paper, kl_cent, kl_img)
     assert kl_img < kl_none
+
+
+def test_factored_logit_fit_is_two_ridge_regressions_and_the_lstsq_fit_without_damping():
+    """M = (GQ_SS + αI)⁻¹ GQ_SP · GK_PS (GK_SS + βI)⁻¹ (explicit solves); with α = β → 0 it is the
+    least-squares M over all token pairs (the Sylvester fit without damping)."""
+    from corp.fit import FactoredLogitFit, FitContext
+    from corp.ops import REFERENCE
+
+    class Grams:
+        def __init__(self, gq, gk):
+            self.gram_q, self._gk = gq, gk
+
+        def key_gram(self):
+            return self._gk
+
+    g = torch.Generator().manual_seed(7)
+    h, d, n = 3, 6, 80
+    q = torch.randn(h, n, d, generator=g, dtype=torch.float64) @ torch.randn(h, d, d, generator=g, dtype=torch.float64)
+    k = torch.randn(h, n, d, generator=g, dtype=torch.float64) @ torch.randn(h, d, d, generator=g, dtype=torch.float64)
+    gq, gk = q.mT @ q, k.mT @ k
+    kept = torch.tensor([[0, 2, 3], [1, 4, 5], [0, 1, 5]])
+    pruned = torch.tensor([[1, 4, 5], [0, 2, 3], [2, 3, 4]])
+    ridge = 0.05
+    m, lam = FactoredLogitFit(ridge).fit(Grams(gq, gk), kept, pruned, FitContext(REFERENCE))
+    for hd in range(h):
+        s, p = kept[hd], pruned[hd]
+        a = ridge * gq[hd][s][:, s].diagonal().mean()
+        b = ridge * gk[hd][s][:, s].diagonal().mean()
+        ref = torch.linalg.solve(gq[hd][s][:, s] + a * torch.eye(3, dtype=torch.float64), gq[hd][s][:, p]) @ \
+            torch.linalg.solve(gk[hd][s][:, s] + b * torch.eye(3, dtype=torch.float64), gk[hd][s][:, p]).T
+        assert torch.allclose(m[hd], ref, rtol=1e-10, atol=1e-12)
+        assert float(lam[hd]) == pytest.approx(float(a * b), rel=1e-12)
+    m0, _ = FactoredLogitFit(1e-14).fit(Grams(gq, gk), kept, pruned, FitContext(REFERENCE))
+    m_ls, _ = attention_compensation(gq, gk, kept, pruned, 1e-16)
+    assert torch.allclose(m0, m_ls, rtol=1e-6, atol=1e-9)
