@@ -90,7 +90,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "all-pi": ("all-pi", dict(ALL_PI)),
     "corp": ("corp", dict(method="corp")),
     # q/k selected by the factorised residual (no eigensolve)
-    "corp-factored": ("corp, factored q/k selection", dict(method="corp", selection="residual_factored")),
+    "corp-factored": ("corp-factored", dict(method="corp", selection="residual_factored")),
+    # the default until 2026-12-01: the logit fit solved as the damped Sylvester equation (eigen form)
+    "corp-sylvester-fit": ("corp-sylvester-fit", dict(method="corp", logit_solve="sylvester")),
 }
 
 # name -> (label, kwargs without the budget; "uniform": prune at the same-budget uniform sparsity instead)
@@ -102,6 +104,8 @@ BUDGET_VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "budget-corp": ("corp + budget", dict(method="corp"), False),
     "budget-corp-factored": ("corp, factored q/k + budget", dict(method="corp", selection="residual_factored"),
                              False),
+    "budget-corp-sylvester-fit": ("corp, Sylvester fit + budget", dict(method="corp", logit_solve="sylvester"),
+                                  False),
 }
 
 QUICK_CALIB = 32
