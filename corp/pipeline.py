@@ -304,7 +304,7 @@ class _Run:
         warnings.warn(
             f"block {index}: {stats.count} calibration tokens for {stats.channels} {stats.kind} channels: the "
             "covariance is singular, so compensation relies on its damping and residual selection has exact ties; "
-            "use more calibration images", stacklevel=3)
+            "use more calibration images", stacklevel=4)  # the caller of corp.prune (through no_grad)
 
     warned_rank_deficient = False
 
