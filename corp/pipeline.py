@@ -276,11 +276,11 @@ class _Run:
             dense_states = states.spawn()
             for t in states.raw():
                 dense_states.append(t)
-            self.stream = TwoStreams(states, dense_states, adapter, dp, report_batches)
+            self.stream = TwoStreams(states, dense_states, adapter, dp, report_batches, config.report_images)
         elif config.propagate == "pruned":
-            self.stream = PrunedStream(states, adapter, dp, report_batches)
+            self.stream = PrunedStream(states, adapter, dp, report_batches, report_images=config.report_images)
         else:
-            self.stream = DenseStream(states, adapter, dp, report_batches)
+            self.stream = DenseStream(states, adapter, dp, report_batches, report_images=config.report_images)
 
     def _embed_all(self, batches, expected_images: int, spill_dir: Optional[str]) -> HiddenStates:
         """Embed every calibration batch once (the states' location sized from the first batch)."""

@@ -213,11 +213,14 @@ class Stream:
     Per block the pipeline calls :meth:`begin` with every part's (empty)
     statistics, then for each part in order :meth:`fill` (before pruning that
     part), then :meth:`advance`. ``adapter`` maps part names to the block's
-    modules; ``report_batches`` leading batches are the report's images.
+    modules; the first ``report_images`` images (in the ``report_batches`` leading batches; all
+    of those batches when None) are the report's images.
     """
 
-    def __init__(self, states: HiddenStates, adapter, dp, report_batches: int, owns_states: bool = True):
+    def __init__(self, states: HiddenStates, adapter, dp, report_batches: int, owns_states: bool = True,
+                 report_images: Optional[int] = None):
         self.states, self.adapter, self.dp, self.report_batches = states, adapter, dp, report_batches
+        self.report_images = report_images
         self.owns_states = owns_states  # False: the first states are the caller's and stay open
         self.dense_outputs: list[torch.Tensor] = []  # dense block outputs of the report batches, when known
 
@@ -234,7 +237,19 @@ class Stream:
         return (part.qkv(x) for x in self.states)
 
     def report_inputs(self) -> list[torch.Tensor]:
-        return [self.states[j] for j in range(self.report_batches)]
+        return self._report_slice([self.states[j] for j in range(self.report_batches)])
+
+    def _report_slice(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The first ``report_images`` images of the leading ``batches`` (views)."""
+        if self.report_images is None:
+            return batches
+        out, left = [], self.report_images
+        for t in batches:
+            if left <= 0:
+                break
+            out.append(t[:left])
+            left -= t.shape[0]
+        return out
 
     def advance(self, block: nn.Module, report: bool = True) -> list[torch.Tensor]:
         """Move past the pruned ``block``; return its outputs on the report batches (``report``:
@@ -270,8 +285,8 @@ class DenseStream(Stream):
         with contextlib.ExitStack() as stack:
             for site, update in self._sites(block, stats):
                 stack.enter_context(_hook(site, update, stop=False))
-            self.dense_outputs = propagate(block, self.states, self.next, self.report_batches,
-                                           f"the output of block {index}", self.dp)
+            self.dense_outputs = self._report_slice(propagate(block, self.states, self.next, self.report_batches,
+                                                              f"the output of block {index}", self.dp))
 
     def advance(self, block, report=True):
         pruned = [block(x) for x in self.report_inputs()] if report and self.report_batches else []
@@ -321,15 +336,16 @@ class PrunedStream(Stream):
         else:
             pruned = propagate(block, self.states, nxt, self.report_batches, where, self.dp)
         self._move_to(nxt)
-        return pruned
+        return self._report_slice(pruned)
 
 
 class TwoStreams(PrunedStream):
     """The pruned stream plus the dense model's stream (``dense_states``): statistics that want the
     dense activations (``stats.wants_dense``) get both, batch by batch."""
 
-    def __init__(self, states: HiddenStates, dense_states: HiddenStates, adapter, dp, report_batches: int):
-        super().__init__(states, adapter, dp, report_batches)
+    def __init__(self, states: HiddenStates, dense_states: HiddenStates, adapter, dp, report_batches: int,
+                 report_images: Optional[int] = None):
+        super().__init__(states, adapter, dp, report_batches, report_images=report_images)
         self.dense_states = dense_states
 
     def begin(self, block, index, stats, dense):

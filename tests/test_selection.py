@@ -232,6 +232,48 @@ def test_qk_greedy_vs_score_heuristic_and_exhaustive():
     assert tot_greedy < 0.95 * tot_heur
 
 
+@pytest.mark.parametrize("seed,keep,step,shortlist", [(1, 6, 1, 3), (2, 4, 2, 4), (3, 5, 1, 1)])
+def test_qk_shortlisted_greedy_is_the_brute_force_shortlisted_greedy(seed, keep, step, shortlist):
+    """Each iteration: the ``shortlist`` candidates of smallest factorised residual (scores from the
+    candidates' own Sylvester fits, token pairs, no damping), then the ``step`` of them with the
+    smallest exact damped residual; replayed here by brute force, head by head."""
+    heads, d, n, ridge = 3, 10, 150, 1e-3
+    q, k = _qk_tokens(seed, heads, d, n)
+    gq, gk = q.transpose(1, 2) @ q, k.transpose(1, 2) @ k
+    kept, pruned = select_qk_dims_by_residual(gq, gk, keep, ridge, step=step, shortlist=shortlist, shift=0.0)
+    for hd in range(heads):
+        alive = list(range(d))
+        while len(alive) > keep:
+            def split(j):
+                p = torch.tensor(sorted(set(range(d)) - set(alive) | {j}))
+                return _complement(p, d), p
+
+            def undamped(j):
+                s, p = split(j)
+                m, _ = attention_compensation(gq[hd:hd + 1], gk[hd:hd + 1], s[None], p[None], 1e-16)
+                return float((q[hd][:, p] @ k[hd][:, p].T - q[hd][:, s] @ m[0] @ k[hd][:, s].T).pow(2).sum())
+
+            def damped(j):
+                s, p = split(j)
+                return float(qk_compensated_residual(gq[hd:hd + 1], gk[hd:hd + 1], s[None], p[None], ridge)[0])
+
+            short = sorted(alive, key=undamped)[:shortlist]
+            drop = sorted(short, key=damped)[:min(step, len(alive) - keep)]
+            alive = [i for i in alive if i not in drop]
+        assert kept[hd].tolist() == alive
+
+
+def test_qk_shortlist_of_every_candidate_is_the_plain_greedy():
+    heads, d, keep, ridge = 4, 12, 5, 1e-3
+    q, k = _qk_tokens(5, heads, d, 100)
+    gq, gk = q.transpose(1, 2) @ q, k.transpose(1, 2) @ k
+    plain = select_qk_dims_by_residual(gq, gk, keep, ridge, step=2)
+    listed = select_qk_dims_by_residual(gq, gk, keep, ridge, step=2, shortlist=d)
+    assert all(torch.equal(a, b) for a, b in zip(plain, listed))
+    with pytest.raises(ValueError, match="shortlist"):
+        select_qk_dims_by_residual(gq, gk, keep, ridge, step=3, shortlist=2)
+
+
 def test_qk_duplicate_dimension_is_dropped():
     """Dims 4–7 copy 0–3 in q and k; (0,4), (1,5) have high energy so Σq²k² keeps both copies."""
     heads, n = 2, 60
