@@ -93,6 +93,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "corp-factored": ("corp-factored", dict(method="corp", selection="residual_factored")),
     # the default until 2026-12-01: the logit fit solved as the damped Sylvester equation (eigen form)
     "corp-sylvester-fit": ("corp-sylvester-fit", dict(method="corp", logit_solve="sylvester")),
+    # the attention output projection refitted to the dense attention's output (corp.fit.AttentionOutputFit)
+    "corp+outfit": ("corp+outfit", dict(method="corp", attn_output_fit=True)),
+    "paper+outfit": ("paper+outfit", dict(PAPER, attn_output_fit=True)),
 }
 
 # name -> (label, kwargs without the budget; "uniform": prune at the same-budget uniform sparsity instead)
@@ -106,6 +109,7 @@ BUDGET_VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
                              False),
     "budget-corp-sylvester-fit": ("corp, Sylvester fit + budget", dict(method="corp", logit_solve="sylvester"),
                                   False),
+    "budget-corp+outfit": ("corp+outfit + budget", dict(method="corp", attn_output_fit=True), False),
 }
 
 QUICK_CALIB = 32

@@ -69,9 +69,10 @@ STATE_LOCATIONS = ("auto", "device", "cpu", "disk")
 # eigensolves of the fit. Factorised q/k *selection* (selection="residual_factored") lost 3 test
 # images at 75% on B (97.78 vs 98.44) at every Gram shift tried (1e-8 … 3e-3), so it is not the default.
 METHODS = {
-    "paper": dict(propagate="dense", target="local", logit_fit="pooled", selection="energy", logit_solve="sylvester"),
+    "paper": dict(propagate="dense", target="local", logit_fit="pooled", selection="energy", logit_solve="sylvester",
+                  attn_output_fit=False),
     "corp": dict(propagate="pruned", target="local", logit_fit="centred", selection="residual",
-                 logit_solve="factored"),
+                 logit_solve="factored", attn_output_fit=False),
 }
 
 Sparsity = Union[float, Sequence[float]]
@@ -123,6 +124,7 @@ class PruneConfig:
     logit_fit: str = METHODS["corp"]["logit_fit"]
     logit_solve: str = METHODS["corp"]["logit_solve"]
     selection: str = METHODS["corp"]["selection"]
+    attn_output_fit: bool = METHODS["corp"]["attn_output_fit"]
     budget: Optional[float] = None
     budget_metric: str = "params"
     ridge: float = DEFAULT_MLP_RIDGE
@@ -136,12 +138,13 @@ class PruneConfig:
     @classmethod
     def create(cls, *, method: str = "corp", propagate: Optional[str] = None, target: Optional[str] = None,
                logit_fit: Optional[str] = None, selection: Optional[str] = None, logit_solve: Optional[str] = None,
-               **kwargs) -> "PruneConfig":
+               attn_output_fit: Optional[bool] = None, **kwargs) -> "PruneConfig":
         """The config of ``method``'s preset with the given options (None: the preset's) overriding it."""
         _choice("method", method, tuple(METHODS))
         chosen = dict(METHODS[method])
         for name, value in (("propagate", propagate), ("target", target), ("logit_fit", logit_fit),
-                            ("selection", selection), ("logit_solve", logit_solve)):
+                            ("selection", selection), ("logit_solve", logit_solve),
+                            ("attn_output_fit", attn_output_fit)):
             if value is not None:
                 chosen[name] = value
         if chosen["target"] == "dense" and chosen["propagate"] != "pruned" and target is None:
@@ -161,6 +164,8 @@ class PruneConfig:
         _choice("logit_fit", self.logit_fit, LOGIT_FITS)
         _choice("selection", self.selection, SELECTIONS)
         _choice("logit_solve", self.logit_solve, LOGIT_SOLVES)
+        if not isinstance(self.attn_output_fit, bool):
+            raise TypeError(f"attn_output_fit must be True or False, got {self.attn_output_fit!r}")
         if self.logit_solve == "factored" and (self.logit_fit == "per_image" or self.target == "dense"):
             raise ValueError("logit_solve='factored' applies to the pooled and centred logit fits "
                              "(not logit_fit='per_image' or target='dense')")

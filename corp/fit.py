@@ -46,9 +46,11 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from .ops import REFERENCE, Kernels
-from .stats import AttentionStatistics, MLPStatistics, qk_heads
+from .stats import AttentionOutputStatistics, AttentionStatistics, MLPStatistics, qk_heads
 
 __all__ = [
+    "AttentionOutputFit",
+    "OutputProjectionFit",
     "MlpFit",
     "MlpRidgeFit",
     "MlpErrorCorrectingFit",
@@ -125,6 +127,9 @@ class FitContext:
     kernels: Kernels
     dp: object = None  # corp.distributed.DataParallel
     qkv_batches: Optional[Callable[[], Iterable[torch.Tensor]]] = None
+    # (dense attention module, pruned one) → per batch the two modules' head outputs (o, z), (B, T, A)
+    attention_outputs: Optional[Callable[[object, object], Iterable[tuple[torch.Tensor, torch.Tensor]]]] = None
+    block_index: Optional[int] = None  # for error messages
 
 
 # --------------------------------------------------------------------------- MLP
@@ -195,6 +200,62 @@ class MlpErrorCorrectingFit:
         coef = sol.T  # (D, |S|)
         rows = torch.arange(coef.shape[0], device=coef.device)
         return MlpFit(rows, coef, mean_dense - coef @ mean_hat[kept], used, used / float(scale))
+
+
+# --------------------------------------------------------------------------- attention output
+
+
+@dataclass
+class OutputProjectionFit:
+    """A refitted output projection: ``weight`` ``(D, A)``, ``bias`` ``(D,)`` or None (fp64), the λ used."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    damping: float
+    relative_damping: float
+
+
+class AttentionOutputFit:
+    """The output projection refitted so that the pruned attention reproduces the dense one's output.
+
+    After the q/k dims are pruned (and the logits compensated), the attention probabilities change,
+    so the heads' outputs ``z`` of the pruned attention differ from the dense ones ``o`` on the same
+    block input. With the dense projection ``W`` ``(D, A)``, ``b``, the new projection minimises
+
+        E‖W o + b − W' z − b'‖² + λ‖W' − W‖²_F,
+
+    shrunk towards ``W`` (λ → ∞ gives back the dense projection). With the centred statistics
+    ``Σ_zz``, ``Σ_zo`` and means ``μ_o``, ``μ_z``:
+
+        (Σ_zz + λI) W'ᵀ = Σ_zo Wᵀ + λWᵀ,    b' = b + W μ_o − W' μ_z,
+
+    one ridge solve (``corp::ridge_solve``), ``λ = ridge · mean(diag Σ_zz)``. Without a bias the
+    intercept is dropped and the uncentred moments replace the centred ones.
+    """
+
+    def __init__(self, ridge: float):
+        self.ridge = ridge
+
+    def fit(self, stats: AttentionOutputStatistics, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            ctx: FitContext) -> OutputProjectionFit:
+        """``weight`` ``(D, A)``, ``bias`` ``(D,)`` or None: the dense projection (fp64)."""
+        mean, cov = stats.mean_and_covariance()
+        a = stats.width
+        if bias is None:
+            cov = cov + torch.outer(mean, mean)  # uncentred second moments: no intercept to absorb means
+        s_zz, s_zo = cov[a:, a:].contiguous(), cov[a:, :a]
+        scale = mlp_scale(s_zz)
+        lam = damping(self.ridge, scale)
+        w_t = weight.T.to(cov)
+        sol, used = _solve_one(ctx.kernels, s_zz, s_zo @ w_t + lam * w_t, lam, "attention output system")
+        if used != float(lam):  # the solver raised the damping: shrink towards W with the λ it used
+            lam = torch.tensor(used, dtype=cov.dtype, device=cov.device)
+            sol, used = _solve_one(ctx.kernels, s_zz, s_zo @ w_t + lam * w_t, lam, "attention output system")
+        new_weight = sol.T
+        new_bias = None
+        if bias is not None:
+            new_bias = bias.to(cov) + weight.to(cov) @ mean[:a] - new_weight @ mean[a:]
+        return OutputProjectionFit(new_weight, new_bias, used, used / float(scale))
 
 
 # --------------------------------------------------------------------------- logits

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from .config import PruneConfig, kept_count
 from .fit import (
+    AttentionOutputFit,
     ErrorCorrectingLogitFit,
     FactoredLogitFit,
     FitContext,
@@ -29,7 +30,8 @@ from .fit import (
 from .fold import fold_attention, fold_mlp
 from .ops import Kernels
 from .select import EnergySelection, FactoredResidualSelection, ResidualSelection
-from .stats import AttentionStatistics, MLPStatistics
+from .stats import AttentionOutputStatistics, AttentionStatistics, MLPStatistics
+from .streams import swapped
 
 __all__ = ["PrunedPart", "AttentionPruner", "MlpPruner", "part_pruners", "PARTS"]
 
@@ -70,6 +72,7 @@ class AttentionPruner:
         else:
             fit_class = _LOGIT_FITS[config.logit_fit]
         self.fit = fit_class(config.attn_ridge) if config.compensate else None
+        self.output_fit = AttentionOutputFit(config.ridge) if config.compensate and config.attn_output_fit else None
 
     def statistics(self, adapter, block: nn.Module) -> AttentionStatistics:
         part = adapter.attention(block)
@@ -89,10 +92,32 @@ class AttentionPruner:
         if self.fit is not None and pruned.numel():
             correction, lam = self.fit.fit(stats, kept, pruned, ctx)
         module = part.build(fold_attention(part.weights(), kept, correction), keep)
+        if self.output_fit is not None and pruned.numel():
+            self._refit_output(adapter, block, part, module, ctx)
         result = PrunedPart(module, kept, keep, seconds_selection=tock - tick, seconds_fit=time.perf_counter() - tock)
         if lam is not None:
             result.damping, result.relative_damping = float(lam.mean()), self.config.attn_ridge
         return result
+
+    def _refit_output(self, adapter, block: nn.Module, part, module: nn.Module, ctx: FitContext) -> None:
+        """:class:`~corp.fit.AttentionOutputFit`: a second pass over the block's inputs through the
+        dense (``part``) and the pruned attention (``module``), then the new output projection."""
+        dense_proj = part.out_proj
+        if dense_proj is None or ctx.attention_outputs is None:
+            raise ValueError(f"attn_output_fit needs the attention's output projection, which the "
+                             f"{type(part.module).__name__} of this model family does not expose")
+        with swapped(adapter, block, {"attn": module}):
+            proj = adapter.attention(block).out_proj
+        stats = AttentionOutputStatistics(dense_proj.in_features, dense_proj.weight.device, self.kernels)
+        for dense_out, pruned_out in ctx.attention_outputs(part.module, module):
+            stats.update(dense_out, pruned_out)
+        stats.reduce_(ctx.dp)
+        stats.check_finite(-1 if ctx.block_index is None else ctx.block_index)
+        bias = dense_proj.bias.detach().to(torch.float64) if dense_proj.bias is not None else None
+        fit = self.output_fit.fit(stats, dense_proj.weight.detach().to(torch.float64), bias, ctx)
+        proj.weight.copy_(fit.weight.to(proj.weight))
+        if proj.bias is not None:
+            proj.bias.copy_(fit.bias.to(proj.bias))
 
     def uncompensated(self, adapter, block: nn.Module, kept: torch.Tensor) -> nn.Module:
         """The same selection without compensation (for the report), from the dense ``block``."""

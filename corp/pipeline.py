@@ -51,6 +51,7 @@ def prune(
     logit_fit: Optional[str] = None,
     selection: Optional[str] = None,
     logit_solve: Optional[str] = None,
+    attn_output_fit: Optional[bool] = None,
     budget: Optional[float] = None,
     budget_metric: str = "params",
     ridge: float = DEFAULT_MLP_RIDGE,
@@ -103,6 +104,10 @@ def prune(
         logit_solve: how the pooled/centred logit fit is solved: ``"sylvester"`` (the exact damped
             equation, eigen form) or ``"factored"`` (two damped ridge regressions, q and k sides,
             one batched Cholesky solve; :class:`corp.fit.FactoredLogitFit`).
+        attn_output_fit: after pruning a block's q/k dims, refit its attention output projection
+            so that the pruned attention reproduces the dense attention's output on the same
+            inputs (:class:`corp.fit.AttentionOutputFit`; one more pass through the dense and the
+            pruned attention per block). None: the method's preset (off for both).
         budget: remove this fraction of the model's parameters (or FLOPs, see
             ``budget_metric``) with per-block sparsities allocated by each block's
             measured compensated error (:mod:`corp.budget`); a first pass
@@ -148,7 +153,7 @@ def prune(
     start = time.perf_counter()
     config = PruneConfig.create(
         method=method, propagate=propagate, target=target, logit_fit=logit_fit, selection=selection,
-        logit_solve=logit_solve, mlp_sparsity=mlp_sparsity, attn_sparsity=attn_sparsity, compensate=compensate,
+        logit_solve=logit_solve, attn_output_fit=attn_output_fit, mlp_sparsity=mlp_sparsity, attn_sparsity=attn_sparsity, compensate=compensate,
         budget=budget, budget_metric=budget_metric, ridge=ridge, attn_ridge=attn_ridge, batch_size=batch_size,
         max_images=max_images, backend=backend, states=states, report_images=report_images,
     )
@@ -174,7 +179,9 @@ def prune(
             stats[name].check_finite(i)
             run.warn_if_rank_deficient(i, stats[name])
             record.seconds_statistics += time.perf_counter() - tick
-            ctx = FitContext(run.kernels, dp, qkv_batches=lambda: stream.qkv_batches(block))
+            ctx = FitContext(run.kernels, dp, qkv_batches=lambda: stream.qkv_batches(block),
+                             attention_outputs=lambda dense_attn, pruned_attn: stream.attention_outputs(
+                                 block, dense_attn, pruned_attn), block_index=i)
             result = pruner.prune(adapter, block, stats.pop(name), run.sparsity[name][i], ctx)
             adapter.set_part(block, name, result.module)
             record.add_part(name, result)

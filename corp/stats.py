@@ -22,7 +22,7 @@ import torch
 from .ops import REFERENCE, Kernels
 from .reference import chunk_dtype
 
-__all__ = ["MLPStatistics", "AttentionStatistics", "qk_heads", "key_outer_update_", "centred_key_gram"]
+__all__ = ["MLPStatistics", "AttentionStatistics", "AttentionOutputStatistics", "qk_heads", "key_outer_update_", "centred_key_gram"]
 
 
 def qk_heads(qkv: torch.Tensor, num_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,6 +178,22 @@ class MLPStatistics(_Statistics):
         mean_hat, _ = self.mean_and_covariance()
         mean_dense = self.dense_sum / self.count
         return mean_dense, self.cross / self.count - torch.outer(mean_dense, mean_hat)
+
+
+class AttentionOutputStatistics(MLPStatistics):
+    """``n``, ``Σ [o; z]`` and ``Σ [o; z][o; z]ᵀ`` ``(2A, 2A)`` of the dense (``o``) and pruned (``z``)
+    attention's concatenated head outputs ``(..., A)`` on the same block inputs: the output fit's
+    statistics (:class:`corp.fit.AttentionOutputFit`)."""
+
+    kind = "attention output"
+
+    def __init__(self, width: int, device: torch.device, kernels: Kernels = REFERENCE):
+        super().__init__(2 * width, device, kernels, full=True)
+        self.width = width
+
+    def update(self, dense_out: torch.Tensor, pruned_out: torch.Tensor) -> None:  # type: ignore[override]
+        """Add one batch: ``dense_out``, ``pruned_out`` ``(..., A)``."""
+        super().update(torch.cat([dense_out, pruned_out], dim=-1))
 
 
 class AttentionStatistics(_Statistics):

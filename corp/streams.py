@@ -166,6 +166,24 @@ def capture(block, site: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out[0]
 
 
+def capture_input(block, site: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input of ``site`` inside ``block(x)`` (``site`` and the rest of the block are skipped)."""
+    out: list[torch.Tensor] = []
+
+    def hook(_mod, args):
+        out.append(args[0])
+        raise _StopForward
+
+    handle = site.register_forward_pre_hook(hook)
+    try:
+        block(x)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return out[0]
+
+
 @contextlib.contextmanager
 def swapped(adapter, block: nn.Module, modules: dict[str, nn.Module]):
     """Temporarily run ``block`` with other part modules (``{"attn": ..., "mlp": ...}``)."""
@@ -235,6 +253,18 @@ class Stream:
         """The attention's qkv projection over the stream's inputs to ``block`` (second passes)."""
         part = self.adapter.attention(block)
         return (part.qkv(x) for x in self.states)
+
+    def attention_outputs(self, block: nn.Module, dense: nn.Module, pruned: nn.Module) -> Iterator[tuple]:
+        """Per batch of the stream's inputs to ``block``: the heads' concatenated outputs (the output
+        projection's input) of the ``dense`` and of the ``pruned`` attention module, ``(o, z)``,
+        each ``(B, T, H·d_v)`` (a second pass for :class:`corp.fit.AttentionOutputFit`)."""
+        a = self.adapter
+        for x in self.states:
+            pair = []
+            for module in (dense, pruned):
+                with swapped(a, block, {"attn": module}):
+                    pair.append(capture_input(a.halves(block)[0], a.attention(block).out_proj, x))
+            yield tuple(pair)
 
     def report_inputs(self) -> list[torch.Tensor]:
         return self._report_slice([self.states[j] for j in range(self.report_batches)])

@@ -60,6 +60,9 @@ class AttentionPart:
         weights: ``weights()`` → :class:`AttentionWeights` of the dense module.
         build: ``build(weights, qk_dim)`` → a new module with q/k width ``qk_dim``
             (rows of ``weights.w_q``/``w_k``), values and output projection as the dense one.
+        out_proj: the ``nn.Linear`` mapping the heads' concatenated outputs ``(B, T, H·d_v)`` to
+            the block's width (its input is what the attention output fit reads, and its weights
+            what it refits); None where the family has none (the output fit is then refused).
     """
 
     module: nn.Module
@@ -69,6 +72,7 @@ class AttentionPart:
     qkv: Callable[[torch.Tensor], torch.Tensor]
     weights: Callable[[], AttentionWeights]
     build: Callable[[AttentionWeights, int], nn.Module]
+    out_proj: Optional[nn.Linear] = None
 
 
 @dataclass

@@ -332,6 +332,7 @@ class TimmViT(ModelAdapter):
             qkv=lambda x: attn.qkv(block.norm1(x)),
             weights=lambda: _attention_weights(attn),
             build=lambda weights, qk_dim: _build_attention(attn, weights, qk_dim),
+            out_proj=attn.proj,
         )
 
     def mlp(self, block: nn.Module) -> MlpPart:

@@ -1,0 +1,90 @@
+"""The attention output fit (corp.fit.AttentionOutputFit): the refitted output projection against
+brute-force ridge least squares on the tokens, and its effect through corp.prune."""
+import pytest
+import torch
+
+import corp
+from corp.fit import AttentionOutputFit, FitContext
+from corp.ops import REFERENCE
+from corp.stats import AttentionOutputStatistics
+
+from conftest import tiny_vit
+
+F64 = torch.float64
+
+
+def _tokens(seed: int, n: int, width: int):
+    """Correlated dense head outputs ``o`` and a perturbed pruned version ``z`` ``(n, width)``."""
+    g = torch.Generator().manual_seed(seed)
+    o = torch.randn(n, width, generator=g, dtype=F64) @ torch.randn(width, width, generator=g, dtype=F64)
+    z = o @ (torch.eye(width, dtype=F64) + 0.3 * torch.randn(width, width, generator=g, dtype=F64))
+    return o + 0.5, z + 0.1 * torch.randn(n, width, generator=g, dtype=F64) - 0.2
+
+
+@pytest.mark.parametrize("with_bias,ridge", [(True, 1e-3), (True, 0.3), (False, 1e-2)])
+def test_output_fit_is_the_ridge_least_squares_solution(with_bias, ridge):
+    """min_{W', b'} (1/n) Σ‖W o + b − W' z − b'‖² + λ‖W' − W‖², λ = ridge · mean(diag Cov(z)) (uncentred
+    second moments without a bias), solved here as one augmented least-squares problem over the tokens."""
+    n, width, out = 400, 9, 5
+    o, z = _tokens(int(ridge * 1000) + with_bias, n, width)
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(out, width, generator=g, dtype=F64)
+    b = torch.randn(out, generator=g, dtype=F64) if with_bias else None
+    stats = AttentionOutputStatistics(width, torch.device("cpu"))
+    for chunk in (slice(0, 150), slice(150, n)):  # the fit sees batches; the oracle all tokens at once
+        stats.update(o[chunk][None], z[chunk][None])
+    fit = AttentionOutputFit(ridge).fit(stats, w, b, FitContext(REFERENCE))
+
+    target = o @ w.T + (b if b is not None else 0)
+    zc = z - z.mean(0) if with_bias else z
+    lam = ridge * float(torch.diagonal(zc.T @ zc / n).mean())
+    # unknowns Δ = W' − W (penalised) and b' (free): rows [z, 1] for the tokens, √(nλ)·I rows for Δ
+    design = torch.cat([z, torch.ones(n, 1, dtype=F64)], 1) if with_bias else z
+    penalty = torch.zeros(width, design.shape[1], dtype=F64)
+    penalty[:, :width] = (n * lam) ** 0.5 * torch.eye(width, dtype=F64)
+    rhs = torch.cat([target - z @ w.T, torch.zeros(width, out, dtype=F64)])
+    sol = torch.linalg.lstsq(torch.cat([design, penalty]), rhs).solution
+    assert torch.allclose(fit.weight, w + sol[:width].T, rtol=1e-8, atol=1e-9)
+    if with_bias:
+        assert torch.allclose(fit.bias, sol[width], rtol=1e-8, atol=1e-9)
+    else:
+        assert fit.bias is None
+    assert fit.damping == pytest.approx(lam, rel=1e-10)
+
+
+def test_output_fit_recovers_an_exact_linear_map():
+    """z an invertible linear image of o: the fit (tiny ridge) inverts it, and the new projection
+    reproduces the dense output exactly."""
+    n, width, out = 300, 6, 4
+    g = torch.Generator().manual_seed(3)
+    o = torch.randn(n, width, generator=g, dtype=F64)
+    mix = torch.randn(width, width, generator=g, dtype=F64) + 3 * torch.eye(width, dtype=F64)
+    z = o @ mix.T
+    w, b = torch.randn(out, width, generator=g, dtype=F64), torch.randn(out, generator=g, dtype=F64)
+    stats = AttentionOutputStatistics(width, torch.device("cpu"))
+    stats.update(o, z)
+    fit = AttentionOutputFit(1e-12).fit(stats, w, b, FitContext(REFERENCE))
+    assert torch.allclose(z @ fit.weight.T + fit.bias, o @ w.T + b, atol=1e-8)
+
+
+def test_output_fit_lowers_the_attention_error_on_the_calibration_tokens():
+    """Through corp.prune (q/k only, MLP dense): block 0 sees the same input with and without the fit,
+    and its output error on all calibration images is the fit's residual, which W' = W bounds."""
+    torch.manual_seed(0)
+    model = tiny_vit(embed_dim=32, num_heads=4, depth=2).double()
+    images = torch.randn(20, 3, 24, 24, dtype=F64)
+    errors = {}
+    for refit in (False, True):
+        pruned = corp.prune(model, images, attn_sparsity=0.5, attn_output_fit=refit, report_images=20,
+                            batch_size=8, method="paper")
+        errors[refit] = pruned.corp_report.blocks[0].error_compensated
+        assert pruned.corp_report.settings["attn_output_fit"] is refit
+        with torch.no_grad():
+            assert torch.isfinite(pruned(images)).all()
+    assert errors[True] < errors[False]
+    assert torch.equal(next(model.parameters()), next(model.parameters()))  # the user's model untouched
+
+
+def test_output_fit_option_is_validated():
+    with pytest.raises(TypeError, match="attn_output_fit"):
+        corp.PruneConfig.create(attn_output_fit="yes")
