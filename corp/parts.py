@@ -73,6 +73,8 @@ class AttentionPruner:
 
     def statistics(self, adapter, block: nn.Module) -> AttentionStatistics:
         part = adapter.attention(block)
+        if part.refusal is not None:  # the pipeline checks first; this covers every other caller
+            raise ValueError(f"cannot prune query/key dims: {part.refusal}")
         return AttentionStatistics(part.num_heads, part.head_dim, part.qkv_site.weight.device, self.kernels,
                                    centre_keys=self.config.centred_keys, cross=self.correcting)
 

@@ -38,12 +38,29 @@ class AttentionWeights:
 
 @dataclass
 class MlpWeights:
-    """One MLP's projections, fp64: ``w_in`` ``(D_h, in)``, ``w_out`` ``(out, D_h)``, biases or None."""
+    """One MLP's projections, fp64.
+
+    Attributes:
+        w_in, b_in: the input projection ``(D_h, in)``, ``(D_h,)`` or None: ``fc1`` of a plain
+            MLP, the *up* projection (the factor that is not gated) of a gated one.
+        w_out, b_out: the output projection ``(out, D_h)``, ``(out,)`` or None.
+        w_gate, b_gate: the gate projection of a gated MLP (``h = act(w_gate x + b_gate) ⊙
+            (w_in x + b_in)``), ``(D_h, in)``, ``(D_h,)``; None for a plain MLP.
+    """
 
     w_in: torch.Tensor
     b_in: Optional[torch.Tensor]
     w_out: torch.Tensor
     b_out: Optional[torch.Tensor]
+    w_gate: Optional[torch.Tensor] = None
+    b_gate: Optional[torch.Tensor] = None
+
+    def input_row_norms(self) -> torch.Tensor:
+        """Per hidden channel, the norm of what produces it ``(D_h,)``: ``‖W_in[j]‖`` for a plain
+        MLP, ``‖W_gate[j]‖·‖W_in[j]‖`` for a gated one (both rows go with the channel).
+        The paper's energy score multiplies this by ``E[h_j²]·‖W_out[:, j]‖``."""
+        norms = self.w_in.norm(dim=1)
+        return norms if self.w_gate is None else norms * self.w_gate.norm(dim=1)
 
 
 @dataclass
@@ -60,6 +77,8 @@ class AttentionPart:
         weights: ``weights()`` → :class:`AttentionWeights` of the dense module.
         build: ``build(weights, qk_dim)`` → a new module with q/k width ``qk_dim``
             (rows of ``weights.w_q``/``w_k``), values and output projection as the dense one.
+        refusal: None when q/k dims can be pruned; otherwise why not (the pipeline raises it,
+            naming the module, for ``attn_sparsity > 0``; MLP pruning of the block still works).
     """
 
     module: nn.Module
@@ -69,6 +88,7 @@ class AttentionPart:
     qkv: Callable[[torch.Tensor], torch.Tensor]
     weights: Callable[[], AttentionWeights]
     build: Callable[[AttentionWeights, int], nn.Module]
+    refusal: Optional[str] = None
 
 
 @dataclass
