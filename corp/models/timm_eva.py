@@ -30,6 +30,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed, RmsNorm
+from timm.layers.attention import AttentionRope
 from timm.layers.pos_embed_sincos import RotaryEmbeddingCat
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 
@@ -129,8 +130,8 @@ def _check_supported(model: nn.Module) -> None:
         path = f"blocks.{i}"
         if type(block) is not EvaBlock:
             raise unsupported(path, block, "only the pre-norm EvaBlock is supported (no post-norm blocks)")
-        if type(block.attn) is not EvaAttention:
-            raise unsupported(f"{path}.attn", block.attn, "only EvaAttention is supported")
+        if type(block.attn) not in (EvaAttention, AttentionRope):
+            raise unsupported(f"{path}.attn", block.attn, "only EvaAttention and AttentionRope are supported")
         mlp_kind(f"{path}.mlp", block.mlp).check(f"{path}.mlp", block.mlp)
 
 
@@ -168,6 +169,12 @@ def _mlp_options(block: EvaBlock) -> dict[str, Any]:
     raise unsupported("blocks.0.mlp", mlp, "Eva builds GluMlp only as SwiGLUPacked (SiLU, gate first): cannot be saved")
 
 
+def _qkv_bias(attn: nn.Module) -> bool:
+    if attn.qkv is None:
+        return attn.q_proj.bias is not None
+    return (attn.qkv.bias if isinstance(attn, AttentionRope) else attn.q_bias) is not None
+
+
 def _describe(model: Eva) -> dict[str, Any]:
     _check_supported(model)
     _check_describable(model)
@@ -179,9 +186,10 @@ def _describe(model: Eva) -> dict[str, Any]:
         img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=pe.proj.in_channels,
         num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=model.embed_dim,
         depth=len(model.blocks), num_heads=attn.num_heads,
-        qkv_bias=(attn.q_bias is not None) if fused else (attn.q_proj.bias is not None), qkv_fused=fused,
+        qkv_bias=_qkv_bias(attn), qkv_fused=fused,
         qk_norm=not isinstance(attn.q_norm, nn.Identity), scale_mlp=False,
-        scale_attn_inner=not isinstance(attn.norm, nn.Identity), attn_type="eva",
+        scale_attn_inner=not isinstance(attn.norm, nn.Identity),
+        attn_type="rope" if isinstance(attn, AttentionRope) else "eva",
         init_values=1.0 if block.gamma_1 is not None else None,  # the saved gammas overwrite the value
         attn_only_layer_scale=block.gamma_1 is not None and block.gamma_2 is None,
         class_token=model.cls_token is not None,
@@ -194,6 +202,8 @@ def _describe(model: Eva) -> dict[str, Any]:
         dynamic_img_pad=bool(getattr(pe, "dynamic_img_pad", False)),
         **_mlp_options(block),
     )
+    if isinstance(attn, AttentionRope) and attn.num_kv_heads != attn.num_heads:
+        kwargs["num_kv_heads"] = attn.num_kv_heads
     if rope is not None:
         kwargs.update(rope_type="cat", rope_temperature=float(rope.temperature), rope_grid_indexing=rope.grid_indexing,
                       rope_grid_offset=float(rope.grid_offset), rope_rotate_half=bool(rope.rotate_half),
@@ -306,7 +316,7 @@ class TimmEva(ModelAdapter):
         grid = [math.ceil(s / p) for s, p in zip(pe.img_size, pe.patch_size)]
         return grid[0] * grid[1] + model.num_prefix_tokens
 
-    def _attn_linears(self, attn: EvaAttention) -> list[nn.Linear]:
+    def _attn_linears(self, attn: nn.Module) -> list[nn.Linear]:
         projections = [attn.qkv] if attn.qkv is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
         return projections + [attn.proj] + ([attn.gate] if attn.gate is not None else [])
 
@@ -316,9 +326,8 @@ class TimmEva(ModelAdapter):
         for block in model.blocks:
             attn, mlp = block.attn, block.mlp
             kind = mlp_kind("mlp", mlp)
-            qkv_bias = attn.q_bias is not None if attn.qkv is not None else attn.q_proj.bias is not None
             costs.append(dict(embed_dim=mlp.fc2.out_features, mlp_hidden=kind.hidden(mlp), num_heads=attn.num_heads,
-                              head_dim=attn.head_dim, qk_dim=attn.head_dim, tokens=tokens, qkv_bias=qkv_bias,
+                              head_dim=attn.head_dim, qk_dim=attn.head_dim, tokens=tokens, qkv_bias=_qkv_bias(attn),
                               mlp_bias=kind.has_bias(mlp)))
         return costs
 

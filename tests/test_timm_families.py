@@ -1,0 +1,183 @@
+"""The timm families beyond the classic ViT (random weights, small configs, no hub):
+gated MLPs (SwiGLU, GluMlp/SwiGLUPacked), q/k-normalised attention, and the Eva family
+(rotary embeddings, SwiGLU). Each prunes to a real smaller model of the same class, its
+compensation beats plain pruning against the dense model on held-out images, it
+round-trips through save/load bit for bit, and what corp refuses is refused by name."""
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import GluMlp, SwiGLU, SwiGLUPacked
+from timm.models.eva import EvaBlock
+from timm.models.vision_transformer import VisionTransformer
+
+import corp
+from corp.models.base import MlpWeights
+from corp.select import select_mlp_channels
+
+torch.set_grad_enabled(False)
+
+
+def _randomise_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Unit-scale random weights: timm's inits (tiny gates, 1e-5 layer scales, 0.02 stds) make blocks
+    near-identities whose hidden channels are almost linear, which would make every test easy."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
+        elif "gamma" in name or name.endswith("norm1.weight") or name.endswith("norm2.weight"):
+            p.copy_(0.5 + 0.5 * torch.rand(p.shape, generator=g))
+        else:
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _tiny_vit(**overrides) -> VisionTransformer:
+    cfg = dict(img_size=24, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7, mlp_ratio=3.0)
+    cfg.update(overrides)
+    return _randomise_(VisionTransformer(**cfg))
+
+
+def _tiny_eva(name: str = "eva02_tiny_patch14_224", **overrides):
+    cfg = dict(img_size=28, patch_size=7, depth=2, embed_dim=48, num_heads=3, num_classes=5)
+    cfg.update(overrides)
+    return _randomise_(timm.create_model(name, pretrained=False, **cfg))
+
+
+def _relative_error(model, reference: torch.Tensor, images: torch.Tensor) -> float:
+    return float((model.forward_features(images) - reference).norm() / reference.norm())
+
+
+def _check_family(tmp_path, model, size: int, attn_sparsity: float, **kwargs):
+    """Prune ``model`` at 50% MLP (+ ``attn_sparsity``) and check class, widths, error and round trip."""
+    gen = torch.Generator().manual_seed(1)
+    calib = torch.randn(48, 3, size, size, generator=gen)
+    held_out = torch.randn(12, 3, size, size, generator=gen)
+    dense = model.forward_features(held_out)
+    pruned = corp.prune(model, calib, mlp_sparsity=0.5, attn_sparsity=attn_sparsity, batch_size=16, **kwargs)
+    plain = corp.prune(model, calib, mlp_sparsity=0.5, attn_sparsity=attn_sparsity, batch_size=16,
+                       compensate=False, report_images=0, **kwargs)
+    assert type(pruned) is type(model)
+    for before, after in zip(model.blocks, pruned.blocks):
+        assert type(after) is type(before) and type(after.mlp) is type(before.mlp)
+        assert after.mlp.fc2.in_features == before.mlp.fc2.in_features // 2
+    report = pruned.corp_report
+    assert report.params_after < report.params_before and report.flops_after < report.flops_before
+    assert sum(p.numel() for p in pruned.parameters()) == report.params_after
+    compensated, uncompensated = _relative_error(pruned, dense, held_out), _relative_error(plain, dense, held_out)
+    assert compensated < uncompensated, (compensated, uncompensated)
+    for block in report.blocks:
+        assert block.error_compensated < block.error_uncompensated
+    corp.save_pretrained(pruned, tmp_path / "m")
+    again = corp.load_pretrained(tmp_path / "m")
+    assert type(again) is type(model)
+    assert torch.equal(again(held_out), pruned(held_out))
+    return pruned, compensated, uncompensated
+
+
+GATED = {
+    "SwiGLUPacked": dict(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, mlp_ratio=6.0),
+    "SwiGLU": dict(mlp_layer=SwiGLU, act_layer=nn.SiLU),
+    "GluMlp-sigmoid-gate-last": dict(mlp_layer=GluMlp, act_layer=nn.Sigmoid, mlp_ratio=6.0),
+}
+
+
+@pytest.mark.parametrize("name", list(GATED))
+@pytest.mark.parametrize("variant", [dict(), dict(method="paper"), dict(propagate="pruned", target="dense")],
+                         ids=["corp", "paper", "error-correcting"])
+def test_gated_mlp_vit_prunes_compensates_and_round_trips(tmp_path, name, variant):
+    model = _tiny_vit(**GATED[name])
+    _check_family(tmp_path, model, 24, attn_sparsity=0.5, **variant)
+
+
+def test_gated_fold_is_exact_when_pruned_channels_are_affine_in_the_kept_ones():
+    """Channels n..2n-1 of a SwiGLU are 3× copies of channels 0..n-1 (same gate row, up row × 3): every
+    pruned channel is then a linear function of a kept one, and the compensated fold reproduces the dense
+    block to rounding while plain pruning does not."""
+    model = _tiny_vit(mlp_layer=SwiGLU, act_layer=nn.SiLU, depth=1).double()
+    mlp = model.blocks[0].mlp
+    n = mlp.fc2.in_features // 2
+    mlp.fc1_g.weight[n:] = mlp.fc1_g.weight[:n]
+    mlp.fc1_g.bias[n:] = mlp.fc1_g.bias[:n]
+    mlp.fc1_x.weight[n:] = 3 * mlp.fc1_x.weight[:n]
+    mlp.fc1_x.bias[n:] = 3 * mlp.fc1_x.bias[:n]
+    images = torch.randn(64, 3, 24, 24, dtype=torch.float64)
+    dense = model.forward_features(images)
+    kwargs = dict(mlp_sparsity=0.5, selection="residual", ridge=1e-12, method="paper")
+    pruned = corp.prune(model, images, **kwargs)
+    plain = corp.prune(model, images, compensate=False, **kwargs)
+    kept = pruned.corp_report.blocks[0].mlp_hidden_after
+    assert kept == n
+    assert _relative_error(pruned, dense, images) < 1e-7
+    assert _relative_error(plain, dense, images) > 1e-2
+
+
+def test_gated_energy_score_uses_gate_and_up_row_norms():
+    g = torch.Generator().manual_seed(0)
+    w_up, w_gate, w_out = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((10, 6), (10, 6), (4, 10)))
+    energy = torch.rand(10, generator=g, dtype=torch.float64)
+    weights = MlpWeights(w_up, None, w_out, None, w_gate=w_gate)
+    expected = [float(energy[j] * w_gate[j].norm() * w_up[j].norm() * w_out[:, j].norm()) for j in range(10)]
+    order = sorted(range(10), key=lambda j: -expected[j])
+    kept, pruned = select_mlp_channels(weights, energy, 4)
+    assert kept.tolist() == sorted(order[:4]) and pruned.tolist() == sorted(order[4:])
+
+
+def test_qk_norm_vit_prunes_its_mlps_and_refuses_its_query_key_dims(tmp_path):
+    model = _tiny_vit(qk_norm=True)
+    pruned, _, _ = _check_family(tmp_path, model, 24, attn_sparsity=0.0)
+    assert all(type(b.attn) is type(m.attn) for b, m in zip(pruned.blocks, model.blocks))
+    with pytest.raises(ValueError, match=r"attn_sparsity=0.5 in block 0: attn.q_norm/k_norm normalise"):
+        corp.prune(model, torch.randn(4, 3, 24, 24), mlp_sparsity=0.5, attn_sparsity=0.5)
+
+
+def test_hidden_norm_inside_a_gated_mlp_is_refused_by_name():
+    model = _tiny_vit(mlp_layer=SwiGLU, act_layer=nn.SiLU, scale_mlp_norm=True)
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.norm.*mixes them"):
+        corp.prune(model, torch.randn(4, 3, 24, 24), mlp_sparsity=0.5)
+
+
+EVAS = {
+    "eva02-SwiGLUPacked": ("eva02_tiny_patch14_224", {}),
+    "eva02-SwiGLU-split-qk-norm": ("eva02_tiny_patch14_224", dict(swiglu_align_to=8, qk_norm=True)),
+    "rope-vit-AttentionRope-Mlp": ("vit_small_patch16_rope_224", {}),
+}
+
+
+@pytest.mark.parametrize("name", list(EVAS))
+@pytest.mark.parametrize("variant", [dict(), dict(propagate="pruned", target="dense")], ids=["corp", "error-correcting"])
+def test_eva_prunes_its_mlps_compensates_and_round_trips(tmp_path, name, variant):
+    arch, overrides = EVAS[name]
+    model = _tiny_eva(arch, **overrides)
+    pruned, _, _ = _check_family(tmp_path, model, 28, attn_sparsity=0.0, **variant)
+    assert all(type(b) is EvaBlock for b in pruned.blocks)
+    assert pruned.corp_config["family"] == "timm_eva"
+
+
+def test_eva_refuses_query_key_pruning_saying_why():
+    model = _tiny_eva()
+    with pytest.raises(ValueError, match=r"block 0: attn applies rotary position embeddings.*whole rotary pairs"):
+        corp.prune(model, torch.randn(4, 3, 28, 28), mlp_sparsity=0.5, attn_sparsity=0.25)
+
+
+def test_eva_with_a_hidden_norm_is_refused_by_name():
+    model = _tiny_eva(scale_mlp=True)  # eva02_base/large: SwiGLU with a LayerNorm over the hidden channels
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.norm"):
+        corp.prune(model, torch.randn(4, 3, 28, 28), mlp_sparsity=0.5)
+
+
+def test_eva_resumes_from_a_checkpoint_to_the_same_model(tmp_path):
+    model = _tiny_eva()
+    images = torch.randn(16, 3, 28, 28)
+    whole = corp.prune(model, images, mlp_sparsity=0.5, batch_size=8)
+    calls = []
+
+    def stop_after_first(i, _record):
+        calls.append(i)
+        if i == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        corp.prune(model, images, mlp_sparsity=0.5, batch_size=8, checkpoint_dir=tmp_path, callback=stop_after_first)
+    resumed = corp.prune(model, images, mlp_sparsity=0.5, batch_size=8, checkpoint_dir=tmp_path)
+    assert torch.equal(resumed(images), whole(images))
