@@ -82,12 +82,15 @@ GATED = {
 }
 
 
-@pytest.mark.parametrize("name", list(GATED))
-@pytest.mark.parametrize("variant", [dict(), dict(method="paper"), dict(propagate="pruned", target="dense")],
-                         ids=["corp", "paper", "error-correcting"])
+VARIANTS = {"corp": dict(), "paper": dict(method="paper"), "error-correcting": dict(propagate="pruned", target="dense")}
+# every kind with corp's defaults; the other variants on one kind each (they share the kinds' code)
+GATED_CASES = [(name, "corp") for name in GATED] + [("SwiGLU", "paper"), ("SwiGLUPacked", "error-correcting")]
+
+
+@pytest.mark.parametrize("name,variant", GATED_CASES, ids=[f"{n}-{v}" for n, v in GATED_CASES])
 def test_gated_mlp_vit_prunes_compensates_and_round_trips(tmp_path, name, variant):
     model = _tiny_vit(**GATED[name])
-    _check_family(tmp_path, model, 24, attn_sparsity=0.5, **variant)
+    _check_family(tmp_path, model, 24, attn_sparsity=0.5, **VARIANTS[variant])
 
 
 def test_gated_fold_is_exact_when_pruned_channels_are_affine_in_the_kept_ones():
@@ -144,12 +147,14 @@ EVAS = {
 }
 
 
-@pytest.mark.parametrize("name", list(EVAS))
-@pytest.mark.parametrize("variant", [dict(), dict(propagate="pruned", target="dense")], ids=["corp", "error-correcting"])
+EVA_CASES = [(name, "corp") for name in EVAS] + [("eva02-SwiGLUPacked", "error-correcting")]
+
+
+@pytest.mark.parametrize("name,variant", EVA_CASES, ids=[f"{n}-{v}" for n, v in EVA_CASES])
 def test_eva_prunes_its_mlps_compensates_and_round_trips(tmp_path, name, variant):
     arch, overrides = EVAS[name]
     model = _tiny_eva(arch, **overrides)
-    pruned, _, _ = _check_family(tmp_path, model, 28, attn_sparsity=0.0, **variant)
+    pruned, _, _ = _check_family(tmp_path, model, 28, attn_sparsity=0.0, **VARIANTS[variant])
     assert all(type(b) is EvaBlock for b in pruned.blocks)
     assert pruned.corp_config["family"] == "timm_eva"
 
