@@ -28,6 +28,7 @@ from .fit import (
 )
 from .fold import fold_attention, fold_mlp
 from .ops import Kernels
+from .rotary import RotaryLogitFit, select_rotary_pairs
 from .select import EnergySelection, FactoredResidualSelection, ResidualSelection
 from .stats import AttentionStatistics, MLPStatistics
 
@@ -70,12 +71,14 @@ class AttentionPruner:
         else:
             fit_class = _LOGIT_FITS[config.logit_fit]
         self.fit = fit_class(config.attn_ridge) if config.compensate else None
+        self.rotary_fit = RotaryLogitFit(config.attn_ridge) if config.compensate else None
 
     def statistics(self, adapter, block: nn.Module) -> AttentionStatistics:
         part = adapter.attention(block)
         if part.refusal is not None:  # the pipeline checks first; this covers every other caller
             raise ValueError(f"cannot prune query/key dims: {part.refusal}")
-        return AttentionStatistics(part.num_heads, part.head_dim, part.qkv_site.weight.device, self.kernels,
+        device = next(part.module.parameters()).device
+        return AttentionStatistics(part.num_heads, part.head_dim, device, self.kernels,
                                    centre_keys=self.config.centred_keys, cross=self.correcting)
 
     def prune(self, adapter, block: nn.Module, stats: AttentionStatistics, sparsity: float,
@@ -83,13 +86,19 @@ class AttentionPruner:
         part = adapter.attention(block)
         keep = kept_count(part.head_dim, sparsity)
         tick = time.perf_counter()
-        kept, pruned = self.selection.select_qk(stats, keep)
-        dev = part.qkv_site.weight.device
+        fit = self.fit
+        if part.rotary:  # whole rotary pairs, a fit that commutes with the rotations (corp.rotary)
+            keep = 2 * max(1, (keep + 1) // 2)
+            kept, pruned = select_rotary_pairs(stats.score, keep // 2)
+            fit = self.rotary_fit
+        else:
+            kept, pruned = self.selection.select_qk(stats, keep)
+        dev = next(part.module.parameters()).device
         kept, pruned = kept.to(dev), pruned.to(dev)
         tock = time.perf_counter()
         correction, lam = None, None
-        if self.fit is not None and pruned.numel():
-            correction, lam = self.fit.fit(stats, kept, pruned, ctx)
+        if fit is not None and pruned.numel():
+            correction, lam = fit.fit(stats, kept, pruned, ctx)
         module = part.build(fold_attention(part.weights(), kept, correction), keep)
         result = PrunedPart(module, kept, keep, seconds_selection=tock - tick, seconds_fit=time.perf_counter() - tock)
         if lam is not None:

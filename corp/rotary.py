@@ -31,7 +31,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["select_rotary_pairs", "rotary_logit_solve", "pair_basis", "rotate_pairs"]
+from .fit import FitContext, damping, logit_scale, sub_blocks
+from .stats import AttentionStatistics
+
+__all__ = ["select_rotary_pairs", "rotary_logit_solve", "pair_basis", "rotate_pairs", "RotaryLogitFit"]
 
 
 def pair_basis(dtype=torch.float64, device=None) -> torch.Tensor:
@@ -105,3 +108,29 @@ def rotary_logit_solve(gram_q: torch.Tensor, gram_k: torch.Tensor, rhs: torch.Te
     idx = torch.arange(p, device=gram_q.device)
     out[:, idx, :, idx, :] = blocks.permute(1, 0, 2, 3)
     return out.reshape(heads, s, s)
+
+
+class RotaryLogitFit:
+    """The logit fit of rotary attention: :func:`rotary_logit_solve` on the rotated q/k statistics with the
+    right side of the configured objective: ``GQ_SP GK_PS`` (pooled; keys centred per image for
+    ``"centred"``, the statistics' key Gram), or the error-correcting one
+    (``XQ[S, :] XK[:, S] − GQ̂_SS GK̂_SS``) when the statistics hold the dense cross Grams.
+    ``logit_fit="per_image"`` and ``logit_solve="factored"`` solve for an unrestricted M and are not
+    used here: rotary attention always takes this restricted closed form."""
+
+    def __init__(self, ridge: float):
+        self.ridge = ridge
+
+    def fit(self, stats: AttentionStatistics, kept: torch.Tensor, pruned: torch.Tensor,
+            ctx: FitContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``M`` ``(H, s, s)`` (a scaled rotation per kept pair) and ``λ`` ``(H,)``."""
+        gram_q, gram_k = stats.gram_q, stats.key_gram()
+        q_ss, k_ss = sub_blocks(gram_q, kept, kept), sub_blocks(gram_k, kept, kept)
+        if stats.cross_q is not None:
+            rows_q = torch.gather(stats.cross_q, 1, kept[:, :, None].expand(-1, -1, stats.cross_q.shape[2]))
+            cols_k = torch.gather(stats.cross_k, 2, kept[:, None, :].expand(-1, stats.cross_k.shape[1], -1))
+            rhs = rows_q @ cols_k - q_ss @ k_ss
+        else:
+            rhs = sub_blocks(gram_q, kept, pruned) @ sub_blocks(gram_k, pruned, kept)
+        lam = damping(self.ridge, logit_scale(q_ss, k_ss))
+        return rotary_logit_solve(q_ss, k_ss, rhs, lam), lam

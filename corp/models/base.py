@@ -26,7 +26,11 @@ def unsupported(path: str, module: nn.Module, why: str) -> ValueError:
 
 @dataclass
 class AttentionWeights:
-    """One attention's q/k/v projection, fp64: ``w_*`` ``(H, d, in)``, ``b_*`` ``(H, d)`` or None."""
+    """One attention's q/k/v projection, fp64: ``w_*`` ``(H, d, in)``, ``b_*`` ``(H, d)`` or None.
+
+    ``qk_dims``: ``(H, s)``, which dense q/k dims the ``s`` rows of ``w_q``/``w_k`` came from
+    (set by :func:`corp.fold.fold_attention`; rotary attention keeps their frequencies); None
+    for dense weights."""
 
     w_q: torch.Tensor
     w_k: torch.Tensor
@@ -34,6 +38,7 @@ class AttentionWeights:
     b_q: Optional[torch.Tensor]
     b_k: Optional[torch.Tensor]
     b_v: Optional[torch.Tensor]
+    qk_dims: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -79,6 +84,12 @@ class AttentionPart:
             (rows of ``weights.w_q``/``w_k``), values and output projection as the dense one.
         refusal: None when q/k dims can be pruned; otherwise why not (the pipeline raises it,
             naming the module, for ``attn_sparsity > 0``; MLP pruning of the block still works).
+        qkv_from_site: when the statistics need more than ``qkv_site``'s output (rotary q/k are
+            rotated after the projection): maps that output to the ``(B, T, 3·H·d)`` tensor
+            ``qkv`` computes; None: the site's output is that tensor.
+        rotary: q/k dims are rotary pairs (``2i, 2i+1``): they are pruned in whole pairs and the
+            logit fit is restricted to a scaled rotation per kept pair (:mod:`corp.rotary`); the
+            statistics (``qkv``) see the rotated queries and keys.
     """
 
     module: nn.Module
@@ -89,6 +100,8 @@ class AttentionPart:
     weights: Callable[[], AttentionWeights]
     build: Callable[[AttentionWeights, int], nn.Module]
     refusal: Optional[str] = None
+    qkv_from_site: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    rotary: bool = False
 
 
 @dataclass

@@ -2,19 +2,16 @@
 
 What corp prunes here: the MLP hidden channels of every block (``Mlp``,
 ``SwiGLU``, ``GluMlp``/``SwiGLUPacked``, :mod:`corp.models.timm_mlp`), with the
-same statistics, fits and folds as the ViT's MLPs. Query/key dims are refused
-(``AttentionPart.refusal``, so ``attn_sparsity > 0`` is an error naming why):
-
-* with rotary embeddings the logit is ``q_mᵀ R(n−m) k_n``, ``R`` a block-diagonal
-  rotation by position-dependent angles, one 2×2 block per frequency pair. Dims must
-  go in whole pairs, and a fold ``k → A k`` into the key weights happens *before*
-  the rotation, so it keeps the logit a function of relative position only if ``A``
-  commutes with every ``R(n)``: per kept pair a scaled rotation ``[[a, −b], [b, a]]``.
-  Fitting that restricted ``A`` needs the statistics of the rotated q/k (after the
-  rope, per position) and pair-wise selection, which corp's attention stages do not
-  collect yet;
-* ``EvaAttention`` without rope has separate q/v biases, a zero k bias buffer and an
-  optional inner scale norm that :class:`~corp.modules.PrunedAttention` does not model.
+same statistics, fits and folds as the ViT's MLPs; and the query/key dims of rotary
+``EvaAttention`` (``AttentionPart.rotary``): with rotary embeddings the logit is
+``q_mᵀ R(n−m) k_n``, ``R`` a block-diagonal rotation by position-dependent angles, one
+2×2 block per frequency pair, so dims go in whole pairs and the fold ``k → A k`` (made
+*before* the rotation) keeps the logit a function of relative position only if ``A``
+commutes with every rotation: per kept pair a scaled rotation (:mod:`corp.rotary`). The
+statistics read the rotated q/k; the pruned module is
+:class:`~corp.modules.PrunedRotaryAttention`. Refused (``AttentionPart.refusal``, so
+``attn_sparsity > 0`` is an error naming why): q/k norms, gated attention, the half-rotation
+layout, ``AttentionRope`` (grouped-query) and ``EvaAttention`` without a rotary embedding.
 
 An Eva block's forward needs the model's rotary embedding (``block(x, rope=...)``):
 the pipeline calls ``block(x)``, so :meth:`TimmEva.blocks` hands it each block bound
@@ -23,32 +20,28 @@ pipeline writes back, so the pruned model holds plain ``EvaBlock``\\ s.
 """
 from __future__ import annotations
 
+import copy
 import math
 from functools import partial
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import PatchEmbed, RmsNorm
 from timm.layers.attention import AttentionRope
 from timm.layers.pos_embed_sincos import RotaryEmbeddingCat
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 
-from .base import AttentionPart, MlpPart, ModelAdapter, unsupported
+from ..modules import PrunedRotaryAttention
+from ..rotary import rotate_pairs
+from .base import AttentionPart, AttentionWeights, MlpPart, ModelAdapter, unsupported
 from .timm_mlp import PackedGlu, PlainMlp, SplitGlu, activation_name, mlp_kind, mlp_kind_named
 from .timm_vit import _check_images
 
-__all__ = ["TimmEva", "RopeBound", "ROPE_REFUSAL", "EVA_ATTENTION_REFUSAL"]
+__all__ = ["TimmEva", "RopeBound", "EVA_ATTENTION_REFUSAL"]
 
-ROPE_REFUSAL = (
-    "attn applies rotary position embeddings: q/k dims would have to be pruned in whole rotary pairs and the "
-    "compensation restricted to scaled rotations per kept pair (to keep the logit a function of relative "
-    "position), which needs rotated-q/k statistics corp does not collect yet"
-)
-EVA_ATTENTION_REFUSAL = (
-    "EvaAttention's separate q/v biases, zero k-bias buffer and inner scale norm are not modelled by corp's "
-    "pruned attention"
-)
+EVA_ATTENTION_REFUSAL = "attn has no rotary embedding: corp prunes the query/key dims of rotary EvaAttention only"
 
 
 class RopeBound(nn.Module):
@@ -130,6 +123,8 @@ def _check_supported(model: nn.Module) -> None:
         path = f"blocks.{i}"
         if type(block) is not EvaBlock:
             raise unsupported(path, block, "only the pre-norm EvaBlock is supported (no post-norm blocks)")
+        if isinstance(block.attn, PrunedRotaryAttention):
+            raise unsupported(f"{path}.attn", block.attn, "this block was already pruned by corp")
         if type(block.attn) not in (EvaAttention, AttentionRope):
             raise unsupported(f"{path}.attn", block.attn, "only EvaAttention and AttentionRope are supported")
         mlp_kind(f"{path}.mlp", block.mlp).check(f"{path}.mlp", block.mlp)
@@ -170,6 +165,8 @@ def _mlp_options(block: EvaBlock) -> dict[str, Any]:
 
 
 def _qkv_bias(attn: nn.Module) -> bool:
+    if isinstance(attn, PrunedRotaryAttention):
+        return attn.qkv.bias is not None
     if attn.qkv is None:
         return attn.q_proj.bias is not None
     return (attn.qkv.bias if isinstance(attn, AttentionRope) else attn.q_bias) is not None
@@ -233,12 +230,98 @@ def _build(arch: dict[str, Any], widths: Optional[list[dict[str, int]]] = None) 
 def _reshape_block(block: nn.Module, widths: dict[str, int]) -> None:
     block = _inner(block)
     mlp_kind("mlp", block.mlp).reshape_(block.mlp, widths["mlp_hidden"])
-    if widths["qk_dim"] != block.attn.head_dim:
-        raise ValueError("corp does not prune the query/key dims of Eva attention")
+    if widths["qk_dim"] != _qk_width(block.attn):
+        if isinstance(block.attn, PrunedRotaryAttention):
+            raise ValueError("cannot reshape an already pruned attention")
+        block.attn = _pruned_like(block.attn, widths["qk_dim"])
+
+
+def _qk_width(attn: nn.Module) -> int:
+    return attn.qk_dim if isinstance(attn, PrunedRotaryAttention) else attn.head_dim
 
 
 def _refused(*_args):
-    raise ValueError("corp does not prune the query/key dims of Eva attention (AttentionPart.refusal says why)")
+    raise ValueError("corp does not prune the query/key dims of this attention (AttentionPart.refusal says why)")
+
+
+def _rotary_refusal(attn: nn.Module, rope: Optional[torch.Tensor]) -> Optional[str]:
+    """Why the q/k dims of ``attn`` cannot be pruned (None: they can, as rotary pairs)."""
+    if isinstance(attn, PrunedRotaryAttention):
+        return None
+    if isinstance(attn, AttentionRope):
+        return "attn is an AttentionRope (grouped-query rotary attention): its q/k pruning is not implemented"
+    if rope is None:
+        return EVA_ATTENTION_REFUSAL
+    if not isinstance(attn.q_norm, nn.Identity):
+        return ("attn.q_norm/k_norm normalise each head's query and key over all its dims, so removing a dim "
+                "changes the normalisation of every kept dim")
+    if attn.gate is not None:
+        return "attn.gate (gated attention) is not modelled by corp's pruned rotary attention"
+    if attn.rotate_half:
+        return "attn uses the half-rotation rotary layout; corp prunes the interleaved layout (eva02) only"
+    if rope.shape[-1] != 2 * attn.head_dim:
+        return f"the rotary embedding covers {rope.shape[-1] // 2} of the head's {attn.head_dim} dims"
+    return None
+
+
+def _rotated_qkv(attn: EvaAttention, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """``(B, T, 3·H·d)`` [q | k | v] of ``attn`` on its input ``x`` ``(B, T, D)``, q and k after the
+    rotary embedding (prefix tokens unrotated), as ``EvaAttention.forward`` computes them."""
+    b, n, _ = x.shape
+    h, d = attn.num_heads, attn.head_dim
+    if attn.qkv is not None:
+        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)) if attn.q_bias is not None else None
+        qkv = F.linear(x, attn.qkv.weight, bias)
+    else:
+        qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+    q, k, v = qkv.view(b, n, 3, h, d).unbind(2)  # (B, T, H, d)
+    npt = attn.num_prefix_tokens
+    sin, cos = rope.tensor_split(2, -1)  # (T − npt, d)
+    sin, cos = sin[:, None, :].to(q.dtype), cos[:, None, :].to(q.dtype)
+    q = torch.cat([q[:, :npt], rotate_pairs(q[:, npt:], sin, cos)], dim=1)
+    k = torch.cat([k[:, :npt], rotate_pairs(k[:, npt:], sin, cos)], dim=1)
+    return torch.cat([q.reshape(b, n, h * d), k.reshape(b, n, h * d), v.reshape(b, n, h * d)], dim=-1)
+
+
+def _eva_attention_weights(attn: EvaAttention) -> AttentionWeights:
+    h, d = attn.num_heads, attn.head_dim
+    if attn.qkv is not None:
+        w = attn.qkv.weight.detach().to(torch.float64).view(3, h, d, -1)
+        biases = (attn.q_bias, attn.k_bias, attn.v_bias) if attn.q_bias is not None else None
+    else:
+        w = torch.stack([p.weight.detach().to(torch.float64) for p in (attn.q_proj, attn.k_proj, attn.v_proj)])
+        w = w.view(3, h, d, -1)
+        biases = None
+        if attn.q_proj.bias is not None:  # EvaAttention's k projection has no bias
+            biases = (attn.q_proj.bias, torch.zeros_like(attn.q_proj.bias), attn.v_proj.bias)
+    b = [t.detach().to(torch.float64).view(h, d) for t in biases] if biases is not None else [None] * 3
+    return AttentionWeights(w[0], w[1], w[2], *b)
+
+
+def _pruned_like(attn: EvaAttention, qk_dim: int) -> PrunedRotaryAttention:
+    """An (uninitialised) :class:`PrunedRotaryAttention` with ``attn``'s shape and options."""
+    ref = attn.proj.weight
+    has_bias = attn.q_bias is not None if attn.qkv is not None else attn.q_proj.bias is not None
+    return PrunedRotaryAttention(
+        dim=attn.proj.out_features, num_heads=attn.num_heads, head_dim=attn.head_dim, qk_dim=qk_dim,
+        num_prefix_tokens=attn.num_prefix_tokens, qkv_bias=has_bias, proj_bias=attn.proj.bias is not None,
+        attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p,
+        norm=None if isinstance(attn.norm, nn.Identity) else copy.deepcopy(attn.norm),
+        device=ref.device, dtype=ref.dtype)
+
+
+def _build_rotary(attn: EvaAttention, weights: AttentionWeights, qk_dim: int) -> PrunedRotaryAttention:
+    h, d = attn.num_heads, attn.head_dim
+    new = _pruned_like(attn, qk_dim)
+    with torch.no_grad():
+        new.qkv.weight.copy_(torch.cat([weights.w_q.reshape(h * qk_dim, -1), weights.w_k.reshape(h * qk_dim, -1),
+                                        weights.w_v.reshape(h * d, -1)]))
+        if new.qkv.bias is not None:
+            new.qkv.bias.copy_(torch.cat([weights.b_q.reshape(-1), weights.b_k.reshape(-1), weights.b_v.reshape(-1)]))
+        new.rope_dims.copy_(weights.qk_dims if weights.qk_dims is not None else torch.arange(qk_dim).repeat(h, 1))
+        new.proj.load_state_dict(attn.proj.state_dict())
+    new.train(attn.training)
+    return new
 
 
 class TimmEva(ModelAdapter):
@@ -273,12 +356,22 @@ class TimmEva(ModelAdapter):
         return model.norm_pre(x)
 
     def attention(self, block: nn.Module) -> AttentionPart:
-        attn = _inner(block).attn
+        inner = _inner(block)
+        attn = inner.attn
+        rope = block.rope if isinstance(block, RopeBound) else None
+        refusal = _rotary_refusal(attn, rope)
+        if refusal is not None or isinstance(attn, PrunedRotaryAttention):
+            return AttentionPart(module=attn, num_heads=attn.num_heads, head_dim=attn.head_dim, qkv_site=inner.norm1,
+                                 qkv=_refused, weights=_refused, build=_refused,
+                                 refusal=refusal or "this attention was already pruned by corp")
         return AttentionPart(
             module=attn, num_heads=attn.num_heads, head_dim=attn.head_dim,
-            qkv_site=attn.qkv if attn.qkv is not None else attn.q_proj, qkv=_refused,
-            weights=_refused, build=_refused,
-            refusal=ROPE_REFUSAL if isinstance(block, RopeBound) and block.rope is not None else EVA_ATTENTION_REFUSAL,
+            qkv_site=inner.norm1,  # its output is the attention's input: q/k are rotated from it
+            qkv_from_site=lambda normed: _rotated_qkv(attn, normed, rope),
+            qkv=lambda x: _rotated_qkv(attn, inner.norm1(x), rope),
+            weights=lambda: _eva_attention_weights(attn),
+            build=lambda weights, qk_dim: _build_rotary(attn, weights, qk_dim),
+            rotary=True,
         )
 
     def mlp(self, block: nn.Module) -> MlpPart:
@@ -306,7 +399,7 @@ class TimmEva(ModelAdapter):
 
     def widths(self, block: nn.Module) -> dict[str, int]:
         b = _inner(block)
-        return {"mlp_hidden": mlp_kind("mlp", b.mlp).hidden(b.mlp), "qk_dim": b.attn.head_dim}
+        return {"mlp_hidden": mlp_kind("mlp", b.mlp).hidden(b.mlp), "qk_dim": _qk_width(b.attn)}
 
     def reshape_block(self, block: nn.Module, widths: dict[str, int]) -> None:
         _reshape_block(block, widths)
@@ -317,6 +410,8 @@ class TimmEva(ModelAdapter):
         return grid[0] * grid[1] + model.num_prefix_tokens
 
     def _attn_linears(self, attn: nn.Module) -> list[nn.Linear]:
+        if isinstance(attn, PrunedRotaryAttention):
+            return [attn.qkv, attn.proj]
         projections = [attn.qkv] if attn.qkv is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
         return projections + [attn.proj] + ([attn.gate] if attn.gate is not None else [])
 
@@ -327,7 +422,7 @@ class TimmEva(ModelAdapter):
             attn, mlp = block.attn, block.mlp
             kind = mlp_kind("mlp", mlp)
             costs.append(dict(embed_dim=mlp.fc2.out_features, mlp_hidden=kind.hidden(mlp), num_heads=attn.num_heads,
-                              head_dim=attn.head_dim, qk_dim=attn.head_dim, tokens=tokens, qkv_bias=_qkv_bias(attn),
+                              head_dim=attn.head_dim, qk_dim=_qk_width(attn), tokens=tokens, qkv_bias=_qkv_bias(attn),
                               mlp_bias=kind.has_bias(mlp)))
         return costs
 
@@ -343,7 +438,7 @@ class TimmEva(ModelAdapter):
             attn = block.attn
             for linear in self._attn_linears(attn) + mlp_kind("mlp", block.mlp).linears(block.mlp):
                 flops += 2 * tokens * linear.in_features * linear.out_features
-            flops += 2 * attn.num_heads * tokens * tokens * 2 * attn.head_dim
+            flops += 2 * attn.num_heads * tokens * tokens * (_qk_width(attn) + attn.head_dim)
         if isinstance(model.head, nn.Linear):
             flops += 2 * model.head.in_features * model.head.out_features
         return flops
