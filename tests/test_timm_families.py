@@ -147,22 +147,103 @@ EVAS = {
 }
 
 
-EVA_CASES = [(name, "corp") for name in EVAS] + [("eva02-SwiGLUPacked", "error-correcting")]
+# (family, variant, attn_sparsity): rotary q/k pairs pruned too on the eva02 rows
+EVA_CASES = [(name, "corp", 0.0) for name in EVAS] + [("eva02-SwiGLUPacked", "corp", 0.5),
+                                                        ("eva02-SwiGLUPacked", "error-correcting", 0.5)]
 
 
-@pytest.mark.parametrize("name,variant", EVA_CASES, ids=[f"{n}-{v}" for n, v in EVA_CASES])
-def test_eva_prunes_its_mlps_compensates_and_round_trips(tmp_path, name, variant):
+@pytest.mark.parametrize("name,variant,attn", EVA_CASES, ids=[f"{n}-{v}-attn{a}" for n, v, a in EVA_CASES])
+def test_eva_prunes_compensates_and_round_trips(tmp_path, name, variant, attn):
+    from corp.modules import PrunedRotaryAttention
+
     arch, overrides = EVAS[name]
     model = _tiny_eva(arch, **overrides)
-    pruned, _, _ = _check_family(tmp_path, model, 28, attn_sparsity=0.0, **VARIANTS[variant])
+    pruned, _, _ = _check_family(tmp_path, model, 28, attn_sparsity=attn, **VARIANTS[variant])
     assert all(type(b) is EvaBlock for b in pruned.blocks)
     assert pruned.corp_config["family"] == "timm_eva"
+    if attn:
+        assert all(isinstance(b.attn, PrunedRotaryAttention) and b.attn.qk_dim == 8 for b in pruned.blocks)
 
 
-def test_eva_refuses_query_key_pruning_saying_why():
-    model = _tiny_eva()
-    with pytest.raises(ValueError, match=r"block 0: attn applies rotary position embeddings.*whole rotary pairs"):
+@pytest.mark.parametrize("name,overrides,match", [
+    ("eva02_tiny_patch14_224", dict(qk_norm=True), r"block 0: attn\.q_norm/k_norm normalise"),
+    ("vit_small_patch16_rope_224", {}, r"block 0: attn is an AttentionRope"),
+    ("eva02_tiny_patch14_224", dict(use_rot_pos_emb=False), r"block 0: attn has no rotary embedding"),
+], ids=["qk-norm", "AttentionRope", "no-rope"])
+def test_eva_refuses_query_key_pruning_it_cannot_do_saying_why(name, overrides, match):
+    model = _tiny_eva(name, **overrides)
+    with pytest.raises(ValueError, match=match):
         corp.prune(model, torch.randn(4, 3, 28, 28), mlp_sparsity=0.5, attn_sparsity=0.25)
+
+
+def _pair_dims(dims: torch.Tensor) -> bool:
+    return bool((dims[:, ::2] % 2 == 0).all() and (dims[:, 1::2] == dims[:, ::2] + 1).all())
+
+
+def test_eva_rotary_pruning_without_compensation_is_the_dense_model_without_those_pairs():
+    """Oracle: the dense Eva with the pruned pairs' query rows zeroed (a zero query pair stays zero under
+    its rotation, so it adds nothing to any logit; the temperature is the dense one)."""
+    model = _tiny_eva().double()
+    images = torch.randn(24, 3, 28, 28, dtype=torch.float64)
+    plain = corp.prune(model, images, attn_sparsity=0.5, compensate=False, method="paper")
+    oracle = _tiny_eva().double()
+    oracle.load_state_dict(model.state_dict())
+    for block, pruned_block in zip(oracle.blocks, plain.blocks):
+        attn, dims = block.attn, pruned_block.attn.rope_dims
+        assert pruned_block.attn.qk_dim == 8 and _pair_dims(dims)
+        d = attn.head_dim
+        for h in range(attn.num_heads):
+            dropped = [j for j in range(d) if j not in dims[h].tolist()]
+            rows = [h * d + j for j in dropped]
+            attn.qkv.weight[rows] = 0
+            attn.q_bias[rows] = 0
+    assert torch.allclose(plain(images), oracle(images), atol=1e-10, rtol=1e-9)
+
+
+def _logits(attn, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Scaled q·k logits ``(H, N, N)`` of every token against every token of the batch ``x`` ``(B, T, D)``
+    (what the pooled fit pools), rotated by timm's own ``apply_rot_embed_cat``."""
+    from timm.layers import apply_rot_embed_cat
+
+    from corp.modules import PrunedRotaryAttention
+
+    b, t, _ = x.shape
+    h, npt = attn.num_heads, attn.num_prefix_tokens
+    if isinstance(attn, PrunedRotaryAttention):
+        s, dims = attn.qk_dim, attn.rope_dims
+        q, k, _ = attn.qkv(x).split([h * s, h * s, h * attn.head_dim], dim=-1)
+        sin, cos = rope.tensor_split(2, -1)
+        emb = torch.stack([torch.cat([sin[:, dims[i]], cos[:, dims[i]]], -1) for i in range(h)])  # (H, T', 2s)
+    else:
+        s = attn.head_dim
+        q, k, _ = torch.nn.functional.linear(x, attn.qkv.weight, torch.cat([attn.q_bias, attn.k_bias, attn.v_bias])).chunk(3, -1)
+        emb = rope[None].expand(h, -1, -1)
+
+    def heads(y):
+        y = y.reshape(b, t, h, s).permute(0, 2, 1, 3)  # (B, H, T, s)
+        y = torch.cat([y[:, :, :npt], apply_rot_embed_cat(y[:, :, npt:], emb[None])], dim=2)
+        return y.permute(1, 0, 2, 3).reshape(h, b * t, s)
+
+    return heads(q) @ heads(k).transpose(1, 2) * s ** -0.5
+
+
+def test_eva_rotary_fit_lowers_the_logit_error_it_was_fitted_on():
+    """The paper's pooled logit objective, on the calibration tokens of block 0: the restricted
+    fit is a least-squares solution containing M = 0, so its folded, rotated pruned logits are closer to
+    the dense ones than plain pair pruning's; computing them with timm's rotation checks that corp's
+    statistics, fold and PrunedRotaryAttention rotate the same dims the same way."""
+    model = _tiny_eva().double()
+    images = torch.randn(24, 3, 28, 28, dtype=torch.float64)
+    kwargs = dict(attn_sparsity=0.5, method="paper", attn_ridge=1e-9)
+    fitted = corp.prune(model, images, **kwargs)
+    plain = corp.prune(model, images, compensate=False, **kwargs)
+    x = model.norm_pre(model._pos_embed(model.patch_embed(images))[0])
+    normed, rope = model.blocks[0].norm1(x), model.rope.get_embed().double()
+    dense = _logits(model.blocks[0].attn, normed, rope)
+    err_fit = (_logits(fitted.blocks[0].attn, normed, rope) - dense).norm()
+    err_plain = (_logits(plain.blocks[0].attn, normed, rope) - dense).norm()
+    assert torch.equal(fitted.blocks[0].attn.rope_dims, plain.blocks[0].attn.rope_dims)
+    assert err_fit < err_plain
 
 
 def test_eva_with_a_hidden_norm_is_refused_by_name():
