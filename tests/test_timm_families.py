@@ -267,3 +267,17 @@ def test_eva_resumes_from_a_checkpoint_to_the_same_model(tmp_path):
         corp.prune(model, images, mlp_sparsity=0.5, batch_size=8, checkpoint_dir=tmp_path, callback=stop_after_first)
     resumed = corp.prune(model, images, mlp_sparsity=0.5, batch_size=8, checkpoint_dir=tmp_path)
     assert torch.equal(resumed(images), whole(images))
+
+
+def test_budget_counts_the_gate_row_of_a_gated_channel_and_meets_its_budget():
+    from corp.budget import cost_table
+
+    model = _tiny_vit(mlp_layer=SwiGLU, act_layer=nn.SiLU, depth=1)
+    mlp = model.blocks[0].mlp
+    removed = cost_table(model, [0.5])[0, 0].item()  # block 0's MLP at 50%
+    per_channel = sum(fc.weight.shape[1] + 1 for fc in (mlp.fc1_g, mlp.fc1_x)) + mlp.fc2.out_features
+    assert removed == (mlp.fc2.in_features // 2) * per_channel
+    images = torch.randn(12, 3, 24, 24)
+    pruned = corp.prune(model, images, budget=0.3, batch_size=6)
+    report = pruned.corp_report
+    assert (report.params_before - report.params_after) / report.params_before >= 0.3

@@ -185,7 +185,8 @@ class ModelAdapter:
     # ------------------------------------------------------------------ costs, saving
     def block_costs(self, model: nn.Module) -> list[dict[str, Any]]:
         """Per block: ``embed_dim, mlp_hidden, num_heads, head_dim, qk_dim, tokens, qkv_bias, mlp_bias``
-        (what :mod:`corp.budget`'s cost model needs)."""
+        and optionally ``mlp_input_rows`` (input-projection rows per hidden channel: 2 for gated MLPs,
+        default 1), what :mod:`corp.budget`'s cost model needs."""
         raise NotImplementedError
 
     def count_flops(self, model: nn.Module) -> int:

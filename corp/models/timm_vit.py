@@ -352,7 +352,7 @@ class TimmViT(ModelAdapter):
             kind = mlp_kind("mlp", mlp)
             costs.append(dict(embed_dim=mlp.fc2.out_features, mlp_hidden=kind.hidden(mlp), num_heads=attn.num_heads,
                               head_dim=attn.head_dim, qk_dim=_qk_width(attn), tokens=tokens,
-                              qkv_bias=attn.qkv.bias is not None, mlp_bias=kind.has_bias(mlp)))
+                              qkv_bias=attn.qkv.bias is not None, mlp_bias=kind.has_bias(mlp), mlp_input_rows=kind.input_rows))
         return costs
 
     def count_flops(self, model: nn.Module) -> int:
