@@ -15,7 +15,13 @@ import corp
 from corp.models.base import MlpWeights
 from corp.select import select_mlp_channels
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """The tests edit weights in place and compare forwards: no autograd (for this module's tests only)."""
+    with torch.no_grad():
+        yield
 
 
 def _randomise_(model: nn.Module, seed: int = 0) -> nn.Module:
