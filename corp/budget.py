@@ -70,6 +70,7 @@ def unit_costs(
     qkv_bias: bool = True,
     mlp_bias: bool = True,
     metric: str = "params",
+    mlp_input_rows: int = 1,
 ) -> dict[str, int]:
     """What one removed unit of each kind saves in one timm ViT block.
 
@@ -77,7 +78,8 @@ def unit_costs(
 
     - ``"mlp"``: one MLP hidden channel, i.e. one row of ``fc1`` (``E`` weights,
       plus its bias if ``mlp_bias``) and one column of ``fc2`` (``E`` weights; the
-      bias of ``fc2`` stays). FLOPs: ``2·N·E`` for each of fc1 and fc2.
+      bias of ``fc2`` stays). FLOPs: ``2·N·E`` for each of fc1 and fc2. A gated MLP
+      (``mlp_input_rows=2``) also removes the channel's gate row.
     - ``"attn"``: one query/key dim removed *in every head* (attention sparsity
       is per head, the same count in each): ``H`` query rows and ``H`` key rows
       of the fused ``qkv`` (``E`` weights each, plus a bias each if
@@ -94,10 +96,10 @@ def unit_costs(
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     e, h, n = int(embed_dim), int(num_heads), int(tokens)
     if metric == "params":
-        mlp = e + (1 if mlp_bias else 0) + e
+        mlp = mlp_input_rows * (e + (1 if mlp_bias else 0)) + e
         attn = 2 * h * (e + (1 if qkv_bias else 0))
     else:
-        mlp = 2 * (2 * n * e)
+        mlp = (mlp_input_rows + 1) * (2 * n * e)
         attn = 2 * h * (2 * n * e) + h * 2 * n * n
     return {"mlp": mlp, "attn": attn}
 
@@ -141,6 +143,7 @@ def cost_table(model: nn.Module, grid: torch.Tensor | Sequence[float], metric: s
         units = unit_costs(
             info["embed_dim"], info["mlp_hidden"], info["num_heads"], info["head_dim"], info["tokens"],
             qkv_bias=info["qkv_bias"], mlp_bias=info["mlp_bias"], metric=metric,
+            mlp_input_rows=info.get("mlp_input_rows", 1),
         )
         for p in grid.tolist():
             for width, what in ((info["mlp_hidden"], "MLP channel"), (info["qk_dim"], "query/key dim")):
@@ -389,6 +392,7 @@ def uniform_removed(model: nn.Module, sparsity: float, metric: str = "params", k
         units = unit_costs(
             info["embed_dim"], info["mlp_hidden"], info["num_heads"], info["head_dim"], info["tokens"],
             qkv_bias=info["qkv_bias"], mlp_bias=info["mlp_bias"], metric=metric,
+            mlp_input_rows=info.get("mlp_input_rows", 1),
         )
         if "mlp" in kinds:
             total += removed_amount(info["mlp_hidden"], sparsity, units["mlp"])

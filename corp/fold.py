@@ -63,4 +63,4 @@ def fold_attention(weights: AttentionWeights, kept: torch.Tensor, correction: Op
             b_k = (a @ b_k[:, :, None])[:, :, 0]
     r = math.sqrt(keep / d)
     w_q, b_q = w_q * r, (b_q * r if b_q is not None else None)
-    return AttentionWeights(w_q, w_k, weights.w_v, b_q, b_k, weights.b_v)
+    return AttentionWeights(w_q, w_k, weights.w_v, b_q, b_k, weights.b_v, qk_dims=kept)

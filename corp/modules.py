@@ -1,4 +1,5 @@
-"""Pruned modules: attention whose query/key width per head differs from its value width."""
+"""Pruned modules: attention whose query/key width per head differs from its value width
+(:class:`PrunedAttention` for timm's ``Attention``, :class:`PrunedRotaryAttention` for rotary attention)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["PrunedAttention"]
+__all__ = ["PrunedAttention", "PrunedRotaryAttention"]
 
 
 class PrunedAttention(nn.Module):
@@ -80,6 +81,71 @@ class PrunedAttention(nn.Module):
             scale=self.scale,
         )
         out = out.transpose(1, 2).reshape(b, n, self.attn_dim)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, qk_dim={self.qk_dim}, head_dim={self.head_dim}, pad_qk={self.pad_qk}"
+
+
+class PrunedRotaryAttention(nn.Module):
+    """Rotary multi-head self-attention keeping ``qk_dim`` of ``head_dim`` query/key dims per head, in
+    whole rotary pairs; a drop-in replacement for timm's ``EvaAttention`` (call signature
+    ``(x, rope=None, attn_mask=None, is_causal=False)``).
+
+    ``qkv`` maps ``dim`` to ``H·qk_dim`` queries, ``H·qk_dim`` keys and ``H·head_dim`` values.
+    ``rope_dims`` ``(H, qk_dim)``: for each kept q/k dim, the dense dim whose rotary frequency
+    it keeps (pairs adjacent, interleaved layout), so the model's rotary embedding ``rope``
+    ``(T − prefix, 2·head_dim)`` (sines, then cosines) is gathered per head. Prefix tokens are not
+    rotated, as in ``EvaAttention``. Logits are scaled by ``qk_dim ** -0.5`` (the fold scales
+    the queries to keep the dense temperature); ``norm`` is the dense module's output norm
+    (``scale_attn_inner``) or an identity. ``pad_qk``: zero-pad q/k to ``head_dim`` for the fused
+    kernels (as :class:`PrunedAttention`).
+    """
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, qk_dim: int, num_prefix_tokens: int = 1,
+                 qkv_bias: bool = True, proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 norm: Optional[nn.Module] = None, pad_qk: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        if qk_dim % 2 or head_dim % 2 or not 0 < qk_dim <= head_dim:
+            raise ValueError(f"qk_dim must be even and in [2, head_dim={head_dim}], got {qk_dim}")
+        dd = {"device": device, "dtype": dtype}
+        self.num_heads, self.head_dim, self.qk_dim = num_heads, head_dim, qk_dim
+        self.num_prefix_tokens = num_prefix_tokens
+        self.attn_dim = num_heads * head_dim
+        self.scale = qk_dim ** -0.5
+        self.pad_qk = pad_qk
+        self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + head_dim), bias=qkv_bias, **dd)
+        self.register_buffer("rope_dims", torch.arange(qk_dim, device=device).repeat(num_heads, 1))
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = norm if norm is not None else nn.Identity()
+        self.proj = nn.Linear(self.attn_dim, dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _rotate(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+        npt = self.num_prefix_tokens
+        body = x[:, :, npt:]
+        rotated = torch.stack([-body[..., 1::2], body[..., ::2]], dim=-1).reshape(body.shape)
+        return torch.cat([x[:, :, :npt], (body * cos + rotated * sin).type_as(x)], dim=2)
+
+    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        """``x``: ``(B, N, dim)`` → ``(B, N, dim)``; ``rope``: ``(N − prefix, 2·head_dim)`` or None."""
+        b, n, _ = x.shape
+        h, s, d = self.num_heads, self.qk_dim, self.head_dim
+        q, k, v = self.qkv(x).split([h * s, h * s, h * d], dim=-1)
+        q = q.view(b, n, h, s).transpose(1, 2)
+        k = k.view(b, n, h, s).transpose(1, 2)
+        v = v.view(b, n, h, d).transpose(1, 2)
+        if rope is not None:
+            sin, cos = rope.tensor_split(2, -1)  # (N', head_dim) each
+            sin, cos = sin[:, self.rope_dims].transpose(0, 1), cos[:, self.rope_dims].transpose(0, 1)  # (H, N', s)
+            q, k = self._rotate(q, sin, cos), self._rotate(k, sin, cos)
+        if self.pad_qk and s < d:
+            q, k = F.pad(q, (0, d - s)), F.pad(k, (0, d - s))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                             dropout_p=self.attn_drop.p if self.training else 0.0,
+                                             is_causal=is_causal, scale=self.scale)
+        out = self.norm(out.transpose(1, 2).reshape(b, n, self.attn_dim))
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:

@@ -29,6 +29,7 @@ from .fit import (
 )
 from .fold import fold_attention, fold_mlp
 from .ops import Kernels
+from .rotary import RotaryLogitFit, select_rotary_pairs
 from .select import EnergySelection, FactoredResidualSelection, ResidualSelection
 from .stats import AttentionOutputStatistics, AttentionStatistics, MLPStatistics
 from .streams import swapped
@@ -73,10 +74,14 @@ class AttentionPruner:
             fit_class = _LOGIT_FITS[config.logit_fit]
         self.fit = fit_class(config.attn_ridge) if config.compensate else None
         self.output_fit = AttentionOutputFit(config.ridge) if config.compensate and config.attn_output_fit else None
+        self.rotary_fit = RotaryLogitFit(config.attn_ridge) if config.compensate else None
 
     def statistics(self, adapter, block: nn.Module) -> AttentionStatistics:
         part = adapter.attention(block)
-        return AttentionStatistics(part.num_heads, part.head_dim, part.qkv_site.weight.device, self.kernels,
+        if part.refusal is not None:  # the pipeline checks first; this covers every other caller
+            raise ValueError(f"cannot prune query/key dims: {part.refusal}")
+        device = next(part.module.parameters()).device
+        return AttentionStatistics(part.num_heads, part.head_dim, device, self.kernels,
                                    centre_keys=self.config.centred_keys, cross=self.correcting)
 
     def prune(self, adapter, block: nn.Module, stats: AttentionStatistics, sparsity: float,
@@ -84,13 +89,19 @@ class AttentionPruner:
         part = adapter.attention(block)
         keep = kept_count(part.head_dim, sparsity)
         tick = time.perf_counter()
-        kept, pruned = self.selection.select_qk(stats, keep)
-        dev = part.qkv_site.weight.device
+        fit = self.fit
+        if part.rotary:  # whole rotary pairs, a fit that commutes with the rotations (corp.rotary)
+            keep = 2 * max(1, (keep + 1) // 2)
+            kept, pruned = select_rotary_pairs(stats.score, keep // 2)
+            fit = self.rotary_fit
+        else:
+            kept, pruned = self.selection.select_qk(stats, keep)
+        dev = next(part.module.parameters()).device
         kept, pruned = kept.to(dev), pruned.to(dev)
         tock = time.perf_counter()
         correction, lam = None, None
-        if self.fit is not None and pruned.numel():
-            correction, lam = self.fit.fit(stats, kept, pruned, ctx)
+        if fit is not None and pruned.numel():
+            correction, lam = fit.fit(stats, kept, pruned, ctx)
         module = part.build(fold_attention(part.weights(), kept, correction), keep)
         if self.output_fit is not None and pruned.numel():
             self._refit_output(adapter, block, part, module, ctx)

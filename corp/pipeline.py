@@ -381,7 +381,11 @@ class _Run:
 
 def _check_widths(adapter, blocks, sparsity: dict[str, list[float]]) -> None:
     for i, block in enumerate(blocks):
-        hidden, head_dim = adapter.mlp(block).hidden, adapter.attention(block).head_dim
+        attention = adapter.attention(block)
+        hidden, head_dim = adapter.mlp(block).hidden, attention.head_dim
+        if sparsity["attn"][i] > 0 and attention.refusal is not None:
+            raise ValueError(f"attn_sparsity={sparsity['attn'][i]} in block {i}: {attention.refusal} "
+                             "(prune only its MLP: attn_sparsity=0)")
         if kept_count(hidden, sparsity["mlp"][i]) < 1:
             raise ValueError(f"mlp_sparsity={sparsity['mlp'][i]} leaves no MLP channel of {hidden} in block {i}")
         if kept_count(head_dim, sparsity["attn"][i]) < 1:

@@ -417,11 +417,12 @@ def _split_top(score: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def select_mlp_channels(weights: MlpWeights, second_moment: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank hidden channels by ``E[h_j²]·‖W_in[j,:]‖·‖W_out[:,j]‖`` ``(D_h,)``; keep the top ``keep``.
+    """Rank hidden channels by ``E[h_j²]·‖W_in[j,:]‖·‖W_out[:,j]‖`` ``(D_h,)``; keep the top ``keep``
+    (gated MLPs: ``‖W_in[j,:]‖`` is ``‖W_gate[j,:]‖·‖W_up[j,:]‖``, :meth:`MlpWeights.input_row_norms`).
 
     Returns sorted index tensors ``(kept (keep,), pruned (D_h − keep,))``.
     """
-    score = second_moment.to(weights.w_in.device) * weights.w_in.norm(dim=1) * weights.w_out.norm(dim=0)
+    score = second_moment.to(weights.w_in.device) * weights.input_row_norms() * weights.w_out.norm(dim=0)
     return _split_top(score, keep)
 
 

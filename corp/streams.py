@@ -300,9 +300,17 @@ class Stream:
             self.states.close()
 
     def _sites(self, block: nn.Module, stats: dict):
+        """``(module to hook, function of its output)`` that fill each part's statistics."""
         a = self.adapter
-        sites = {"attn": lambda: a.attention(block).qkv_site, "mlp": lambda: a.mlp(block).hidden_site}
-        return [(sites[name](), st.update) for name, st in stats.items()]
+        out = []
+        for name, st in stats.items():
+            if name == "mlp":
+                out.append((a.mlp(block).hidden_site, st.update))
+                continue
+            part = a.attention(block)
+            convert = part.qkv_from_site
+            out.append((part.qkv_site, st.update if convert is None else (lambda y, st=st, f=convert: st.update(f(y)))))
+        return out
 
 
 class DenseStream(Stream):
@@ -344,11 +352,11 @@ class PrunedStream(Stream):
         return first, second
 
     def fill(self, block, name, stats):
-        site, update = self._sites(block, {name: stats})[0]
         if name == "attn":  # what a hook on the qkv projection sees, without the rest of the block
             for qkv in self.qkv_batches(block):
-                update(qkv)
+                stats.update(qkv)
             return
+        site, update = self._sites(block, {name: stats})[0]
         first, second = self._attention_halves(block)
         for x in self.states:
             y = first(x)

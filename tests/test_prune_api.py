@@ -169,12 +169,14 @@ def test_unsupported_models_and_modules_are_named(images):
 
     with pytest.raises(TypeError, match="ResNet"):
         corp.prune(timm.create_model("resnet18", num_classes=3), images, mlp_sparsity=0.5)
-    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.q_norm"):
-        corp.prune(tiny_vit(qk_norm=True), images, mlp_sparsity=0.5)
-    from timm.layers import SwiGLUPacked
+    with pytest.raises(ValueError, match=r"block 0: attn\.q_norm"):  # q/k norms: MLP pruning only
+        corp.prune(tiny_vit(qk_norm=True), images, attn_sparsity=0.5)
+    from timm.layers import GatedMlp, SwiGLUPacked
 
-    with pytest.raises(ValueError, match=r"blocks\.0\.mlp.*GluMlp|blocks\.0\.mlp"):
-        corp.prune(tiny_vit(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU), images, mlp_sparsity=0.5)
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.norm"):
+        corp.prune(tiny_vit(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, scale_mlp_norm=True), images, mlp_sparsity=0.5)
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp' \(GatedMlp\)"):
+        corp.prune(tiny_vit(mlp_layer=GatedMlp), images, mlp_sparsity=0.5)
     with pytest.raises(TypeError, match="Linear"):
         corp.prune(nn.Linear(3, 3), images, mlp_sparsity=0.5)
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .base import AttentionPart, AttentionWeights, MlpPart, MlpWeights, ModelAdapter, unsupported
+from .timm_eva import TimmEva
 from .timm_vit import TimmViT
 
-__all__ = ["ADAPTERS", "TimmViT", "adapter_for", "adapter_named", "ModelAdapter", "AttentionPart", "MlpPart",
+__all__ = ["ADAPTERS", "TimmViT", "TimmEva", "adapter_for", "adapter_named", "ModelAdapter", "AttentionPart", "MlpPart",
            "AttentionWeights", "MlpWeights", "unsupported"]
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (TimmViT,)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (TimmViT, TimmEva)
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
@@ -24,7 +25,7 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
             return cls()
     raise TypeError(
         f"unsupported model type {type(model).__name__}: corp prunes timm VisionTransformer models "
-        "(deit_*, deit3_*, vit_*)"
+        "(deit_*, deit3_*, vit_*) and timm Eva models (eva02_*, vit_*_rope_*)"
     )
 
 

@@ -26,7 +26,11 @@ def unsupported(path: str, module: nn.Module, why: str) -> ValueError:
 
 @dataclass
 class AttentionWeights:
-    """One attention's q/k/v projection, fp64: ``w_*`` ``(H, d, in)``, ``b_*`` ``(H, d)`` or None."""
+    """One attention's q/k/v projection, fp64: ``w_*`` ``(H, d, in)``, ``b_*`` ``(H, d)`` or None.
+
+    ``qk_dims``: ``(H, s)``, which dense q/k dims the ``s`` rows of ``w_q``/``w_k`` came from
+    (set by :func:`corp.fold.fold_attention`; rotary attention keeps their frequencies); None
+    for dense weights."""
 
     w_q: torch.Tensor
     w_k: torch.Tensor
@@ -34,16 +38,34 @@ class AttentionWeights:
     b_q: Optional[torch.Tensor]
     b_k: Optional[torch.Tensor]
     b_v: Optional[torch.Tensor]
+    qk_dims: Optional[torch.Tensor] = None
 
 
 @dataclass
 class MlpWeights:
-    """One MLP's projections, fp64: ``w_in`` ``(D_h, in)``, ``w_out`` ``(out, D_h)``, biases or None."""
+    """One MLP's projections, fp64.
+
+    Attributes:
+        w_in, b_in: the input projection ``(D_h, in)``, ``(D_h,)`` or None: ``fc1`` of a plain
+            MLP, the *up* projection (the factor that is not gated) of a gated one.
+        w_out, b_out: the output projection ``(out, D_h)``, ``(out,)`` or None.
+        w_gate, b_gate: the gate projection of a gated MLP (``h = act(w_gate x + b_gate) ⊙
+            (w_in x + b_in)``), ``(D_h, in)``, ``(D_h,)``; None for a plain MLP.
+    """
 
     w_in: torch.Tensor
     b_in: Optional[torch.Tensor]
     w_out: torch.Tensor
     b_out: Optional[torch.Tensor]
+    w_gate: Optional[torch.Tensor] = None
+    b_gate: Optional[torch.Tensor] = None
+
+    def input_row_norms(self) -> torch.Tensor:
+        """Per hidden channel, the norm of what produces it ``(D_h,)``: ``‖W_in[j]‖`` for a plain
+        MLP, ``‖W_gate[j]‖·‖W_in[j]‖`` for a gated one (both rows go with the channel).
+        The paper's energy score multiplies this by ``E[h_j²]·‖W_out[:, j]‖``."""
+        norms = self.w_in.norm(dim=1)
+        return norms if self.w_gate is None else norms * self.w_gate.norm(dim=1)
 
 
 @dataclass
@@ -63,6 +85,14 @@ class AttentionPart:
         out_proj: the ``nn.Linear`` mapping the heads' concatenated outputs ``(B, T, H·d_v)`` to
             the block's width (its input is what the attention output fit reads, and its weights
             what it refits); None where the family has none (the output fit is then refused).
+        refusal: None when q/k dims can be pruned; otherwise why not (the pipeline raises it,
+            naming the module, for ``attn_sparsity > 0``; MLP pruning of the block still works).
+        qkv_from_site: when the statistics need more than ``qkv_site``'s output (rotary q/k are
+            rotated after the projection): maps that output to the ``(B, T, 3·H·d)`` tensor
+            ``qkv`` computes; None: the site's output is that tensor.
+        rotary: q/k dims are rotary pairs (``2i, 2i+1``): they are pruned in whole pairs and the
+            logit fit is restricted to a scaled rotation per kept pair (:mod:`corp.rotary`); the
+            statistics (``qkv``) see the rotated queries and keys.
     """
 
     module: nn.Module
@@ -73,6 +103,9 @@ class AttentionPart:
     weights: Callable[[], AttentionWeights]
     build: Callable[[AttentionWeights, int], nn.Module]
     out_proj: Optional[nn.Linear] = None
+    refusal: Optional[str] = None
+    qkv_from_site: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    rotary: bool = False
 
 
 @dataclass
@@ -156,7 +189,8 @@ class ModelAdapter:
     # ------------------------------------------------------------------ costs, saving
     def block_costs(self, model: nn.Module) -> list[dict[str, Any]]:
         """Per block: ``embed_dim, mlp_hidden, num_heads, head_dim, qk_dim, tokens, qkv_bias, mlp_bias``
-        (what :mod:`corp.budget`'s cost model needs)."""
+        and optionally ``mlp_input_rows`` (input-projection rows per hidden channel: 2 for gated MLPs,
+        default 1), what :mod:`corp.budget`'s cost model needs."""
         raise NotImplementedError
 
     def count_flops(self, model: nn.Module) -> int:

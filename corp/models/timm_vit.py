@@ -2,50 +2,44 @@
 
 All timm knowledge of corp lives here: which modules can be pruned, how images
 are embedded up to the first block, where the statistics read a block's
-activations (``attn.qkv`` output, ``mlp.act`` output), the dense weights of
-each part, how pruned parts are built (:class:`~corp.modules.PrunedAttention`,
-an ``Mlp`` with fewer hidden channels), costs, and how a model is described as
-JSON and rebuilt for :mod:`corp.io`.
+activations (``attn.qkv`` output, the MLP's hidden activation), the dense
+weights of each part, how pruned parts are built (:class:`~corp.modules.PrunedAttention`,
+an MLP of the same class with fewer hidden channels: ``Mlp``, ``SwiGLU``,
+``GluMlp``/``SwiGLUPacked``, :mod:`corp.models.timm_mlp`), costs, and how a model is
+described as JSON and rebuilt for :mod:`corp.io`.
+
+q/k normalisation (``qk_norm=True``: a LayerNorm/RmsNorm over each head's query and
+key) is accepted for MLP pruning; its q/k dims are not pruned (``AttentionPart.refusal``):
+the norm reads all ``head_dim`` dims of a head, so dropping a dim changes the mean and
+scale that every kept dim is normalised by, and the pruned logit is no longer a function
+of the kept projections that a fold could compensate.
 """
 from __future__ import annotations
 
-import copy
 import math
 from functools import partial
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-from timm.layers import Attention, LayerScale, Mlp, PatchEmbed
-from timm.layers.activations import GELUTanh, QuickGELU
+from timm.layers import Attention, LayerNorm, LayerScale, PatchEmbed, RmsNorm
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..modules import PrunedAttention
-from .base import AttentionPart, AttentionWeights, MlpPart, MlpWeights, ModelAdapter, unsupported
+from .base import AttentionPart, AttentionWeights, MlpPart, ModelAdapter, unsupported
+from .timm_mlp import ACTIVATIONS, mlp_kind, mlp_kind_named
 
-__all__ = ["TimmViT", "pruned_attention_like"]
+__all__ = ["TimmViT", "pruned_attention_like", "QK_NORM_REFUSAL"]
 
 _MODEL_CLASSES = {"VisionTransformer": VisionTransformer, "VisionTransformerDistilled": VisionTransformerDistilled}
 
-# Activation modules corp can describe and rebuild, by config name.
-_ACTIVATIONS = {
-    "gelu": lambda: nn.GELU(),
-    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-    "timm_gelu_tanh": GELUTanh,
-    "quick_gelu": QuickGELU,
-    "relu": nn.ReLU,
-    "silu": nn.SiLU,
-}
-
-
-def _activation_name(act: nn.Module) -> str:
-    if type(act) is nn.GELU:
-        return "gelu" if act.approximate == "none" else "gelu_tanh"
-    for name, cls in (("timm_gelu_tanh", GELUTanh), ("quick_gelu", QuickGELU), ("relu", nn.ReLU), ("silu", nn.SiLU)):
-        if type(act) is cls:
-            return name
-    raise ValueError(f"unsupported MLP activation {type(act).__name__}: corp can save gelu, gelu_tanh, quick_gelu, relu, silu")
+QK_NORM_REFUSAL = (
+    "attn.q_norm/k_norm normalise each head's query and key over all its dims, so removing a dim changes "
+    "the normalisation of every kept dim: the logit after pruning is not a function of the kept projections "
+    "that a fold into the weights could compensate (and the norm would still need every dim computed)"
+)
+_QK_NORMS = (nn.LayerNorm, LayerNorm, RmsNorm)
 
 
 def _check_supported(model: nn.Module) -> None:
@@ -70,20 +64,17 @@ def _check_supported(model: nn.Module) -> None:
             raise unsupported(f"{path}.attn", attn, "this block was already pruned by corp")
         if type(attn) is not Attention:
             raise unsupported(f"{path}.attn", attn, "only timm's Attention is supported")
-        if not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity):
-            raise unsupported(f"{path}.attn.q_norm", attn.q_norm, "query/key normalisation is not supported")
+        for name in ("q_norm", "k_norm"):
+            norm = getattr(attn, name)
+            if not isinstance(norm, nn.Identity) and type(norm) not in _QK_NORMS:
+                raise unsupported(f"{path}.attn.{name}", norm, "only LayerNorm/RmsNorm query/key normalisation is supported")
         if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
             raise unsupported(f"{path}.attn.norm", attn.norm, "attention output normalisation is not supported")
         if getattr(attn, "gate", None) is not None:
             raise unsupported(f"{path}.attn.gate", attn.gate, "gated attention is not supported")
         if attn.num_heads * attn.head_dim != attn.qkv.out_features // 3:
             raise unsupported(f"{path}.attn", attn, "qkv width is not 3 × heads × head_dim")
-        if type(mlp) is not Mlp:
-            raise unsupported(f"{path}.mlp", mlp, "only timm's two-layer Mlp is supported (no GLU/SwiGLU)")
-        if not isinstance(mlp.norm, nn.Identity):
-            raise unsupported(f"{path}.mlp.norm", mlp.norm, "MLP hidden normalisation is not supported")
-        if type(mlp.fc1) is not nn.Linear or type(mlp.fc2) is not nn.Linear:
-            raise unsupported(f"{path}.mlp.fc1", mlp.fc1, "fc1/fc2 must be nn.Linear")
+        mlp_kind(f"{path}.mlp", mlp).check(f"{path}.mlp", mlp)
         for name in ("ls1", "ls2"):
             ls = getattr(block, name)
             if not isinstance(ls, (nn.Identity, LayerScale)):
@@ -126,6 +117,16 @@ def _norm_eps(model: VisionTransformer) -> float:
     return float(norm.eps)
 
 
+def _qk_norm(model: VisionTransformer) -> bool:
+    """Whether the attentions normalise q/k (saved only when they use the blocks' LayerNorm, as timm builds them)."""
+    attn = model.blocks[0].attn
+    if isinstance(attn, PrunedAttention) or isinstance(attn.q_norm, nn.Identity):
+        return False
+    if not isinstance(attn.q_norm, nn.LayerNorm) or float(attn.q_norm.eps) != _norm_eps(model):
+        raise unsupported("blocks.0.attn.q_norm", attn.q_norm, "only a q/k LayerNorm like the blocks' norms can be saved")
+    return True
+
+
 def _describe(model: VisionTransformer) -> dict[str, Any]:
     """A JSON-able description from which :func:`build_architecture` rebuilds the dense skeleton."""
     _check_describable(model)
@@ -133,9 +134,10 @@ def _describe(model: VisionTransformer) -> dict[str, Any]:
     block = model.blocks[0]
     attn = block.attn
     dim = model.embed_dim
-    # A pruned model's widths are restored by apply_block_widths; the skeleton's
+    # A pruned model's widths are restored by reshape_block; the skeleton's
     # MLP ratio only has to produce valid modules.
-    mlp_hidden = block.mlp.fc1.out_features
+    kind = mlp_kind("blocks.0.mlp", block.mlp)
+    mlp_hidden = kind.constructor_hidden(block.mlp)
     init_values = None
     if isinstance(block.ls1, LayerScale):
         init_values = 1e-5  # the value is irrelevant: the saved gamma overwrites it
@@ -150,6 +152,7 @@ def _describe(model: VisionTransformer) -> dict[str, Any]:
         num_heads=attn.num_heads,
         mlp_ratio=mlp_hidden / dim,
         qkv_bias=attn.qkv.bias is not None,
+        qk_norm=_qk_norm(model),
         proj_bias=attn.proj.bias is not None,
         init_values=init_values,
         class_token=model.cls_token is not None,
@@ -163,20 +166,27 @@ def _describe(model: VisionTransformer) -> dict[str, Any]:
         dynamic_img_size=model.dynamic_img_size,
         dynamic_img_pad=bool(getattr(pe, "dynamic_img_pad", False)),
     )
+    mlp = kind.describe(block.mlp)
     return {
         "class": type(model).__name__,
         "kwargs": kwargs,
         "norm_eps": _norm_eps(model),
-        "act": _activation_name(block.mlp.act),
+        "act": mlp.pop("act"),
+        "mlp": mlp,
     }
 
 
 def _check_describable(model: nn.Module) -> None:
     if not isinstance(model, VisionTransformer) or type(model) not in _MODEL_CLASSES.values():
         raise TypeError(f"cannot save {type(model).__name__}: corp saves timm VisionTransformer models")
+    first = None
     for i, block in enumerate(model.blocks):
-        if type(block) is not Block or type(block.mlp) is not Mlp:
+        if type(block) is not Block:
             raise unsupported(f"blocks.{i}", block, "cannot be described for saving")
+        desc = mlp_kind(f"blocks.{i}.mlp", block.mlp).describe(block.mlp)
+        first = first or desc
+        if desc != first:  # timm builds every block's MLP with one mlp_layer and act_layer
+            raise unsupported(f"blocks.{i}.mlp", block.mlp, f"differs from blocks.0.mlp ({desc} vs {first}): cannot be saved")
         if not isinstance(block.attn, (Attention, PrunedAttention)):
             raise unsupported(f"blocks.{i}.attn", block.attn, "cannot be described for saving")
 
@@ -189,9 +199,10 @@ def _build(arch: dict[str, Any], widths: list[dict[str, int]] | None = None) -> 
     cls = _MODEL_CLASSES.get(arch["class"])
     if cls is None:
         raise ValueError(f"unknown model class {arch['class']!r} in config")
-    act = _ACTIVATIONS.get(arch["act"])
+    act = ACTIVATIONS.get(arch["act"])
     if act is None:
         raise ValueError(f"unknown activation {arch['act']!r} in config")
+    mlp = arch.get("mlp", {"kind": "mlp"})  # saves before gated MLPs hold plain Mlps
     kwargs = dict(arch["kwargs"])
     kwargs["img_size"] = tuple(kwargs["img_size"])
     kwargs["patch_size"] = tuple(kwargs["patch_size"])
@@ -199,6 +210,7 @@ def _build(arch: dict[str, Any], widths: list[dict[str, int]] | None = None) -> 
         **kwargs,
         norm_layer=partial(nn.LayerNorm, eps=arch["norm_eps"]),
         act_layer=act,
+        mlp_layer=mlp_kind_named(mlp["kind"]).layer(mlp),
         weight_init="skip",
     )
     if widths is not None:
@@ -212,13 +224,7 @@ def _build(arch: dict[str, Any], widths: list[dict[str, int]] | None = None) -> 
 def reshape_block(block: Block, widths: dict[str, int]) -> None:
     """Give ``block`` MLP hidden width ``widths["mlp_hidden"]`` and q/k width ``widths["qk_dim"]``
     (new modules, on the block's device and dtype, weights uninitialised)."""
-    mlp = block.mlp
-    ref = mlp.fc1.weight
-    dd = {"device": ref.device, "dtype": ref.dtype}
-    if widths["mlp_hidden"] != mlp.fc1.out_features:
-        dim = mlp.fc1.in_features
-        mlp.fc1 = nn.Linear(dim, widths["mlp_hidden"], bias=mlp.fc1.bias is not None, **dd)
-        mlp.fc2 = nn.Linear(widths["mlp_hidden"], mlp.fc2.out_features, bias=mlp.fc2.bias is not None, **dd)
+    mlp_kind("mlp", block.mlp).reshape_(block.mlp, widths["mlp_hidden"])
     attn = block.attn
     current = attn.qk_dim if isinstance(attn, PrunedAttention) else attn.head_dim
     if widths["qk_dim"] != current:
@@ -275,30 +281,9 @@ def _build_attention(attn: Attention, weights: AttentionWeights, qk_dim: int) ->
     return new
 
 
-def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor], like: nn.Linear) -> nn.Linear:
-    out_f, in_f = weight.shape
-    ref = like.weight
-    layer = nn.Linear(in_f, out_f, bias=bias is not None, device=ref.device, dtype=ref.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    layer.train(like.training)
-    return layer
-
-
-def _build_mlp(mlp: Mlp, kept: torch.Tensor, w_out: torch.Tensor, b_out: Optional[torch.Tensor]) -> Mlp:
-    """A shallow copy of ``mlp`` (same activation, norm, dropout modules) with new fc1 rows and fc2."""
-    new = copy.copy(mlp)
-    new._modules = dict(mlp._modules)  # copy.copy shares the child dict: assigning fc1 would edit `mlp`
-    fc1 = mlp.fc1
-    new.fc1 = _linear(fc1.weight.detach()[kept], fc1.bias.detach()[kept] if fc1.bias is not None else None, fc1)
-    new.fc2 = _linear(w_out, b_out, mlp.fc2)
-    return new
-
-
 class TimmViT(ModelAdapter):
-    """timm ``VisionTransformer`` / ``VisionTransformerDistilled`` with pre-norm ``Block``, ``Attention`` and ``Mlp``."""
+    """timm ``VisionTransformer`` / ``VisionTransformerDistilled`` with pre-norm ``Block``, ``Attention``
+    (q/k norms: MLP pruning only) and ``Mlp``/``SwiGLU``/``GluMlp``."""
 
     name = "timm_vit"
 
@@ -333,20 +318,11 @@ class TimmViT(ModelAdapter):
             weights=lambda: _attention_weights(attn),
             build=lambda weights, qk_dim: _build_attention(attn, weights, qk_dim),
             out_proj=attn.proj,
+            refusal=None if isinstance(attn, PrunedAttention) or isinstance(attn.q_norm, nn.Identity) else QK_NORM_REFUSAL,
         )
 
     def mlp(self, block: nn.Module) -> MlpPart:
-        mlp = block.mlp
-        return MlpPart(
-            module=mlp, hidden=mlp.fc1.out_features, hidden_site=mlp.act,
-            weights=lambda: MlpWeights(
-                mlp.fc1.weight.detach().to(torch.float64),
-                mlp.fc1.bias.detach().to(torch.float64) if mlp.fc1.bias is not None else None,
-                mlp.fc2.weight.detach().to(torch.float64),
-                mlp.fc2.bias.detach().to(torch.float64) if mlp.fc2.bias is not None else None,
-            ),
-            build=lambda kept, w_out, b_out: _build_mlp(mlp, kept, w_out, b_out),
-        )
+        return mlp_kind("mlp", block.mlp).part(block.mlp)
 
     def set_part(self, block: nn.Module, part: str, module: nn.Module) -> None:
         if part not in ("attn", "mlp"):
@@ -364,7 +340,7 @@ class TimmViT(ModelAdapter):
         return first, second
 
     def widths(self, block: nn.Module) -> dict[str, int]:
-        return {"mlp_hidden": block.mlp.fc1.out_features, "qk_dim": _qk_width(block.attn)}
+        return {"mlp_hidden": mlp_kind("mlp", block.mlp).hidden(block.mlp), "qk_dim": _qk_width(block.attn)}
 
     def reshape_block(self, block: nn.Module, widths: dict[str, int]) -> None:
         reshape_block(block, widths)
@@ -373,10 +349,11 @@ class TimmViT(ModelAdapter):
         tokens = _count_tokens(model, tuple(model.patch_embed.img_size))
         costs = []
         for block in model.blocks:
-            attn, fc1 = block.attn, block.mlp.fc1
-            costs.append(dict(embed_dim=fc1.in_features, mlp_hidden=fc1.out_features, num_heads=attn.num_heads,
+            attn, mlp = block.attn, block.mlp
+            kind = mlp_kind("mlp", mlp)
+            costs.append(dict(embed_dim=mlp.fc2.out_features, mlp_hidden=kind.hidden(mlp), num_heads=attn.num_heads,
                               head_dim=attn.head_dim, qk_dim=_qk_width(attn), tokens=tokens,
-                              qkv_bias=attn.qkv.bias is not None, mlp_bias=fc1.bias is not None))
+                              qkv_bias=attn.qkv.bias is not None, mlp_bias=kind.has_bias(mlp), mlp_input_rows=kind.input_rows))
         return costs
 
     def count_flops(self, model: nn.Module) -> int:
@@ -390,7 +367,7 @@ class TimmViT(ModelAdapter):
         flops = 2 * patches * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
         for block in model.blocks:
             attn = block.attn
-            for linear in (attn.qkv, attn.proj, block.mlp.fc1, block.mlp.fc2):
+            for linear in (attn.qkv, attn.proj, *mlp_kind("mlp", block.mlp).linears(block.mlp)):
                 flops += 2 * tokens * linear.in_features * linear.out_features
             flops += 2 * attn.num_heads * tokens * tokens * (_qk_width(attn) + attn.head_dim)
         for name in ("head", "head_dist"):
