@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .io import apply_umask
+from .paths import apply_umask
 
 __all__ = ["Checkpoint", "fingerprint_tensor"]
 

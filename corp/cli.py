@@ -40,7 +40,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
-                or "default" in text:
+                or "default:" in text:
             return text
         return super()._get_help_string(action)
 
@@ -201,9 +201,10 @@ def _warn(command: str, message: str) -> None:
     print(f"corp {command}: warning: {message}", file=sys.stderr, flush=True)
 
 
-def _check_model(name: str, checkpoint: Optional[str], lazy: bool = False) -> None:
-    """Refuse a --model / --checkpoint / --lazy combination that cannot load, before loading anything."""
-    from .io import is_corp_dir
+def _check_model(name: str, checkpoint: Optional[str], lazy: bool = False) -> bool:
+    """Refuse a --model / --checkpoint / --lazy combination that cannot load, before loading anything
+    (and before importing torch). Returns whether ``name`` is to be a timm model name."""
+    from .paths import is_corp_dir
 
     if os.path.isdir(name):
         if not is_corp_dir(name):
@@ -211,10 +212,25 @@ def _check_model(name: str, checkpoint: Optional[str], lazy: bool = False) -> No
         if checkpoint is not None or lazy:
             raise ValueError(f"--checkpoint/--lazy apply to a timm model name; --model {name} is a corp "
                              "directory that holds its own weights")
-        return
+        return False
     if os.path.isfile(name):
         raise ValueError(f"--model {name} is a file: pass the timm model name as --model and the file as "
                          "--checkpoint")
+    if ":" not in name and (os.sep in name or name.startswith(".")):
+        raise ValueError(f"--model {name} is neither a directory (there is none) nor a timm model name "
+                         "(a Hugging Face hub repository needs the prefix hf-hub:)")
+    if checkpoint is not None:
+        if not os.path.exists(checkpoint):
+            raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist")
+        if not os.path.isfile(checkpoint):
+            raise ValueError(f"--checkpoint {checkpoint} is not a file")
+    if lazy and not (checkpoint and checkpoint.endswith(".safetensors")):
+        raise ValueError("--lazy needs --checkpoint FILE.safetensors holding the model's state_dict")
+    return True
+
+
+def _check_timm_name(name: str) -> None:
+    """Refuse a name timm does not know, suggesting the closest ones (imports timm)."""
     import difflib
 
     import timm
@@ -225,13 +241,6 @@ def _check_model(name: str, checkpoint: Optional[str], lazy: bool = False) -> No
         close = difflib.get_close_matches(arch, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
         raise ValueError(f"--model {name!r} is neither a directory written by corp nor a timm model name{hint}")
-    if checkpoint is not None:
-        if not os.path.exists(checkpoint):
-            raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist")
-        if not os.path.isfile(checkpoint):
-            raise ValueError(f"--checkpoint {checkpoint} is not a file")
-    if lazy and not (checkpoint and checkpoint.endswith(".safetensors")):
-        raise ValueError("--lazy needs --checkpoint FILE.safetensors holding the model's state_dict")
 
 
 def _check_writable_dir(path: str, option: str) -> None:
@@ -336,12 +345,11 @@ def _measure_throughput(args, dense, pruned, loader, device, dtype) -> None:
 def cmd_prune(args: argparse.Namespace) -> int:
     import importlib.util
 
-    from .data import list_image_files
-    from .io import check_output_dir
+    from .paths import check_output_dir, list_image_files
 
-    # everything that can be checked without the model, before loading it
-    config = _prune_config(args)
-    _check_model(args.model, args.checkpoint, args.lazy)
+    # everything that can be checked without the model, before loading it: files and folders
+    # first (no torch needed, so these errors come at once), then names, options and the device
+    timm_name = _check_model(args.model, args.checkpoint, args.lazy)
     calib_files = list_image_files(args.calib)
     check_output_dir(args.out)
     if args.checkpoint_dir is not None:
@@ -349,6 +357,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.report and importlib.util.find_spec("matplotlib") is None:
         raise ImportError("--report draws report.png with matplotlib, which is not installed: "
                           "pip install 'corp-prune[plot]' (or drop --report)")
+    config = _prune_config(args)
+    if timm_name:
+        _check_timm_name(args.model)
     device = _device(args.device)
 
     import torch
@@ -435,10 +446,12 @@ def _check_classes(model, classes: list[str], data: str) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import image_folder_classes
+    from .paths import image_folder_classes
 
-    _check_model(args.model, args.checkpoint)
+    timm_name = _check_model(args.model, args.checkpoint)
     classes = image_folder_classes(args.data)
+    if timm_name:
+        _check_timm_name(args.model)
     device = _device(args.device)
 
     import torch

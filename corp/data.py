@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 __all__ = ["data_config", "image_transform", "ImageFiles", "calibration_loader", "eval_loader", "IMAGE_EXTENSIONS",
            "list_image_files", "image_folder_classes"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+from .paths import IMAGE_EXTENSIONS, image_folder_classes, list_image_files  # noqa: F401 - re-exported
 
 
 def data_config(model: nn.Module) -> dict:
@@ -43,41 +43,6 @@ def _load_image(path: Path, channels: int):
 
     with Image.open(path) as img:
         return img.convert("L" if channels == 1 else "RGB")
-
-
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-
-
-def list_image_files(root: str | os.PathLike) -> list[Path]:
-    """Every image file under ``root`` (recursively), sorted; FileNotFoundError/ValueError when there is none."""
-    root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"calibration directory {root} does not exist")
-    if not root.is_dir():
-        raise NotADirectoryError(f"calibration path {root} is a file, not a directory of images")
-    files = sorted(p for p in root.rglob("*") if _is_image(p))
-    if not files:
-        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
-    return files
-
-
-def image_folder_classes(root: str | os.PathLike) -> list[str]:
-    """The class names of an ImageFolder ``root``: its sub-folders, sorted; class ``i`` is label ``i``
-    (torchvision's order). Raises when ``root`` has no sub-folder or a sub-folder holds no image."""
-    root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"data directory {root} does not exist")
-    if not root.is_dir():
-        raise NotADirectoryError(f"data path {root} is a file, not an ImageFolder directory")
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    if not classes:
-        raise ValueError(f"{root} has no class sub-folders: an ImageFolder has one sub-folder of images per class")
-    empty = [c for c in classes if not any(_is_image(p) for p in (root / c).rglob("*"))]
-    if empty:
-        raise ValueError(f"class folders without image files ({', '.join(IMAGE_EXTENSIONS)}) in {root}: "
-                         f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
-    return classes
 
 
 class ImageFiles(Dataset):

@@ -14,13 +14,11 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .models import adapter_for, adapter_named
+from .paths import CONFIG_NAME, FORMAT, WEIGHTS_NAME, apply_umask, check_output_dir, is_corp_dir
 
 __all__ = ["apply_umask", "save_pretrained", "load_pretrained", "load_model", "is_corp_dir", "check_output_dir", "HubUnreachableError",
            "CONFIG_NAME", "WEIGHTS_NAME"]
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT = "corp-vit"
 FORMAT_VERSION = 1
 
 
@@ -71,62 +69,6 @@ def _fsync_write(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux allows (``/proc/self/status``)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it (and put it back at once)
-    os.umask(mask)
-    return mask
-
-
-def apply_umask(path: str | os.PathLike, directory: bool = False) -> None:
-    """Give ``path`` the mode a plain ``open``/``mkdir`` would have (``0o666``/``0o777`` less the umask).
-
-    ``tempfile.mkstemp``/``mkdtemp`` create 0600/0700 on purpose; an atomic write that renames
-    such a temporary into place must widen it to what the user's umask allows, as other tools do.
-    """
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
-
-
-def check_output_dir(directory: str | os.PathLike) -> Path:
-    """Refuse, before any work, a ``directory`` that :func:`save_pretrained` could not write.
-
-    Raises:
-        FileExistsError: it exists and is a file, or a non-empty directory that is not a corp save.
-        NotADirectoryError: a parent of it is a file.
-        PermissionError: the nearest existing parent is not writable.
-    """
-    target = Path(directory)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is a file, not a directory: choose another output path")
-    if target.is_dir() and any(target.iterdir()) and not is_corp_dir(target):
-        raise FileExistsError(f"{target} exists and is not a corp model directory: refusing to overwrite it")
-    parent = target.absolute().parent
-    while not parent.exists():  # save_pretrained creates the missing parents
-        parent = parent.parent
-    if not parent.is_dir():
-        raise NotADirectoryError(f"cannot create {target}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {target}: no write permission in {parent}")
-    return target
-
-
-def is_corp_dir(path: str | os.PathLike) -> bool:
-    cfg = Path(path) / CONFIG_NAME
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
-        return False
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -194,7 +136,13 @@ def load_pretrained(directory: str | os.PathLike, device: Optional[torch.device 
         )
     # saves of corp 0.1.0 name no family: they are all timm ViTs
     model = adapter_named(config.get("family", "timm_vit")).build(config["architecture"], config["blocks"])
-    state = load_file(str(directory / WEIGHTS_NAME))
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}: an incomplete corp model directory")
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+        raise ValueError(f"cannot read {weights}: {exc}") from exc
     model.load_state_dict(state, strict=True)
     model.pretrained_cfg = dict(config.get("pretrained_cfg") or {})
     model.corp_config = {k: config.get(k) for k in ("architecture", "blocks", "dense_blocks", "pruning", "corp_version")}
