@@ -245,16 +245,13 @@ def _check_timm_name(name: str) -> None:
 
 def _check_writable_dir(path: str, option: str) -> None:
     """A directory ``path`` that exists, or can be created, and can be written."""
-    target = os.path.abspath(path)
-    if os.path.exists(target) and not os.path.isdir(target):
+    from pathlib import Path
+
+    from .paths import check_creatable
+
+    if os.path.exists(path) and not os.path.isdir(path):
         raise FileExistsError(f"{option} {path} exists and is a file, not a directory")
-    parent = target
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise NotADirectoryError(f"{option} {path}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{option} {path}: no write permission in {parent}")
+    check_creatable(Path(path) / "x", f"{option} {path}")
 
 
 def _device(name: Optional[str]):

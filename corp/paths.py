@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "IMAGE_EXTENSIONS", "is_corp_dir", "check_output_dir",
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "IMAGE_EXTENSIONS", "is_corp_dir", "check_output_dir", "check_creatable",
            "apply_umask", "list_image_files", "image_folder_classes"]
 
 CONFIG_NAME = "config.json"
@@ -38,26 +38,41 @@ def apply_umask(path: str | os.PathLike, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def check_creatable(target: Path, what: str) -> None:
+    """Refuse a ``target`` path whose nearest existing parent is a file or cannot be written.
+
+    The permission test creates (and removes) an empty directory there: ``os.access`` alone
+    is wrong for root, read-only mounts, ACLs and network filesystems.
+    """
+    import tempfile
+
+    parent = Path(target).absolute().parent
+    while not parent.exists():  # missing parents are created
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"cannot create {what}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot create {what}: no write permission in {parent}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".corp-write-test-", dir=parent))
+    except OSError as exc:
+        raise PermissionError(f"cannot create {what}: cannot write in {parent} ({exc.strerror})") from None
+
+
 def check_output_dir(directory: str | os.PathLike) -> Path:
     """Refuse, before any work, a ``directory`` that :func:`corp.save_pretrained` could not write.
 
     Raises:
         FileExistsError: it exists and is a file, or a non-empty directory that is not a corp save.
         NotADirectoryError: a parent of it is a file.
-        PermissionError: the nearest existing parent is not writable.
+        PermissionError: the nearest existing parent is not writable (:func:`check_creatable`).
     """
     target = Path(directory)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is a file, not a directory: choose another output path")
     if target.is_dir() and any(target.iterdir()) and not is_corp_dir(target):
         raise FileExistsError(f"{target} exists and is not a corp model directory: refusing to overwrite it")
-    parent = target.absolute().parent
-    while not parent.exists():  # save_pretrained creates the missing parents
-        parent = parent.parent
-    if not parent.is_dir():
-        raise NotADirectoryError(f"cannot create {target}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {target}: no write permission in {parent}")
+    check_creatable(target, str(target))
     return target
 
 
