@@ -39,6 +39,13 @@ DIGITS_VIT_CONFIG = dict(
     img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=4, num_heads=4, mlp_ratio=4.0,
 )
 TRAIN_SETTINGS = dict(epochs=80, batch_size=64, lr=2e-3, weight_decay=0.05, seed=0)
+# The trained weights depend on torch's CPU thread count (measured: 2 epochs with 1 and with 2
+# threads give bitwise different weights; each count reproduces itself, and
+# torch.use_deterministic_algorithms changes nothing on the CPU). Training always uses this many
+# threads, so a machine's core count does not change the model; 2 is what the cached models so
+# far were trained with (2-core machines), so their training key still holds. Different CPUs
+# (instruction sets) may still round differently: see README, "Measured numbers".
+TRAIN_THREADS = 2
 
 
 @dataclass
@@ -144,7 +151,12 @@ def digits_vit(data: Optional[DigitsData] = None, cache: bool = True, print_fn=N
         print_fn(f"training the digits ViT ({settings['epochs']} epochs on {data.train_images.shape[0]} images; "
                  + (f"first run: cached in {path}" if cache else "--no-cache: not cached") + ") ...")
         on_epoch = _epoch_printer(settings["epochs"], print_fn)
-    model = train_digits_vit(data, **settings, on_epoch=on_epoch, **arch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        model = train_digits_vit(data, **settings, on_epoch=on_epoch, **arch)
+    finally:
+        torch.set_num_threads(threads)
     if cache:
         try:
             save_pretrained(model, path)

@@ -374,3 +374,20 @@ def test_progress_lines_do_not_change_the_training_key():
     marked = [line for line in source.splitlines() if line.rstrip().endswith(demo._UNHASHED)]
     assert marked and all("on_epoch" in line for line in marked)
     assert demo.training_key(demo.TRAIN_SETTINGS, {}) != demo.training_key({**demo.TRAIN_SETTINGS, "epochs": 79}, {})
+
+
+def test_digits_training_does_not_depend_on_the_callers_thread_count(digits_data):
+    """Without the fixed training thread count, 1 and 2 threads train bitwise different weights."""
+    from corp.demo import digits_vit
+
+    threads = torch.get_num_threads()
+    weights = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            weights.append(digits_vit(digits_data, cache=False, epochs=1).state_dict())
+            assert torch.get_num_threads() == count  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(threads)
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
