@@ -6,8 +6,8 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "IMAGE_EXTENSIONS", "is_corp_dir", "check_output_dir", "check_creatable",
-           "apply_umask", "list_image_files", "image_folder_classes"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "IMAGE_EXTENSIONS", "is_corp_dir", "check_output_dir",
+           "check_creatable", "apply_umask", "list_image_files", "image_folder_classes"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
