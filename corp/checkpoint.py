@@ -22,6 +22,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from .paths import apply_umask
+
 __all__ = ["Checkpoint", "fingerprint_tensor"]
 
 PROGRESS = "progress.json"
@@ -40,6 +42,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        apply_umask(tmp)  # mkstemp made it 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,18 +1,48 @@
-"""The ``corp`` command line: ``corp prune``, ``corp eval``, ``corp demo``."""
+"""The ``corp`` command line: ``corp prune``, ``corp eval``, ``corp demo``, ``corp models``.
+
+Arguments are parsed before anything heavy is imported (``corp --help`` and argument errors
+need neither torch nor timm), and every argument, file and folder is checked before the model
+is loaded, so that a bad ``--out`` or ``--calib`` costs seconds, not a pruning run.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Optional, Sequence
 
-import torch
+from .config import DEFAULT_ATTN_RIDGE, DEFAULT_MLP_RIDGE, LOGIT_FITS, LOGIT_SOLVES, METHODS, SELECTIONS
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "BACKEND_CHOICES", "MODEL_FAMILIES"]
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+# dtype names -> torch attribute names (torch itself is imported only when a command runs)
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
+# corp.ops.BACKENDS, written out so that --help needs no torch (tests/test_cli_first_run.py checks they agree)
+BACKEND_CHOICES = ("auto", "torch", "triton", "compiled")
+# the families of corp.models.ADAPTERS by name, for --help without torch (checked against ADAPTERS by the
+# tests); `corp models` reads ADAPTERS itself
+MODEL_FAMILIES = {
+    "timm_vit": "timm VisionTransformer models (deit_*, deit3_*, vit_*) with the standard Block/Attention/Mlp",
+}
+
+_FAMILIES_EPILOG = "supported model families (`corp models` for details):\n" + "".join(
+    f"  {name}: {text}\n" for name, text in MODEL_FAMILIES.items())
+_EPILOG = _FAMILIES_EPILOG + "\nRun `corp COMMAND --help` for a command's options."
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, a flag's False)
+    or the help text already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default:" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def _fraction(text: str) -> float:
@@ -25,80 +55,222 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+_positive_int, _nonnegative_int = _int_at_least(1), _int_at_least(0)
+
+
+def _positive_float(text: str) -> float:
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value}")
     return value
 
 
+def _per_method(option: str) -> str:
+    """'default: per --method (corp: X, paper: Y)' for a variant option left at None."""
+    return "default: per --method (" + ", ".join(f"{m}: {preset[option]}" for m, preset in METHODS.items()) + ")"
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="a timm model name (pretrained weights from the Hugging Face hub or its cache), "
+                        "or a directory written by corp (corp prune --out)")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="local weights file (.pth/.safetensors) for a timm model name: no hub download")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from . import DEFAULT_ATTN_RIDGE, DEFAULT_MLP_RIDGE, __version__
-    from .config import LOGIT_SOLVES, SELECTIONS
-    from .ops import BACKENDS
+    """The argument parser of every command (imports neither torch nor timm)."""
+    from . import __version__
 
-    parser = argparse.ArgumentParser(prog="corp", description="One-shot CORP pruning of timm Vision Transformers.")
+    parser = argparse.ArgumentParser(prog="corp", description="One-shot CORP pruning of timm Vision Transformers.",
+                                     epilog=_EPILOG, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"corp {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("prune", help="prune a model with unlabeled calibration images and save it")
-    p.add_argument("--model", required=True, help="timm model name, or a directory written by corp")
-    p.add_argument("--checkpoint", help="local weights file for a timm model name (no hub download)")
+    p = sub.add_parser("prune", help="prune a model with unlabeled calibration images and save it",
+                       description="Prune a timm ViT with unlabeled calibration images and save it to --out. "
+                                   "Every argument, file and folder is checked before the model is loaded.",
+                       epilog=_FAMILIES_EPILOG, formatter_class=_HelpFormatter)
+    _add_model_arguments(p)
     p.add_argument("--lazy", action="store_true",
                    help="with a .safetensors --checkpoint: read each block's weights only when it is pruned")
-    p.add_argument("--calib", required=True, help="directory of calibration images (ImageFolder or flat)")
-    p.add_argument("--calib-size", type=_positive_int, default=None, help="use this many images (random, --seed)")
-    p.add_argument("--mlp-sparsity", type=_fraction, default=0.0)
-    p.add_argument("--attn-sparsity", type=_fraction, default=0.0)
-    p.add_argument("--out", required=True, help="output directory (model.safetensors + config.json)")
-    p.add_argument("--method", choices=("paper", "corp"), default="corp",
+    p.add_argument("--calib", required=True, metavar="DIR",
+                   help="directory of calibration images (ImageFolder or flat; searched recursively, labels unused)")
+    p.add_argument("--calib-size", type=_positive_int, default=None, metavar="N",
+                   help="use a random subset of N images (chosen by --seed); default: all images found")
+    p.add_argument("--mlp-sparsity", type=_fraction, default=0.0, metavar="S",
+                   help="fraction of each block's MLP hidden channels to remove, in [0, 1)")
+    p.add_argument("--attn-sparsity", type=_fraction, default=0.0, metavar="S",
+                   help="fraction of each attention head's query/key dims to remove, in [0, 1)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory (model.safetensors + config.json); must be new, empty or a corp save")
+    p.add_argument("--method", choices=tuple(METHODS), default="corp",
                    help="paper: the paper's method exactly; corp: this project's defaults (options below override)")
-    p.add_argument("--propagate", choices=("dense", "pruned"), default=None)
+    p.add_argument("--propagate", choices=("dense", "pruned"), default=None,
+                   help="statistics from the dense model's activations or the already-pruned blocks' outputs; "
+                        + _per_method("propagate"))
     p.add_argument("--target", choices=("local", "dense"), default=None,
-                   help="dense: error-correcting fits to the dense model's outputs (needs --propagate pruned)")
-    p.add_argument("--logit-fit", choices=("pooled", "centred", "per_image"), default=None)
-    p.add_argument("--selection", choices=SELECTIONS, default=None)
+                   help="dense: error-correcting fits to the dense model's outputs (needs --propagate pruned); "
+                        + _per_method("target"))
+    p.add_argument("--logit-fit", choices=LOGIT_FITS, default=None,
+                   help="attention logit fit: pooled (all token pairs), centred (keys centred per image), "
+                        "per_image (exact within-image objective); " + _per_method("logit_fit"))
+    p.add_argument("--selection", choices=SELECTIONS, default=None,
+                   help="which channels/dims to keep: energy (the paper's heuristics), residual (greedy by what the "
+                        "compensation cannot recover), residual_factored; " + _per_method("selection"))
     p.add_argument("--logit-solve", choices=LOGIT_SOLVES, default=None,
-                   help="sylvester: exact damped logit fit (eigen form); factored: two ridge regressions")
-    p.add_argument("--budget", type=_fraction, default=None,
-                   help="remove this fraction of parameters (or FLOPs) with per-block sparsities by measured error")
-    p.add_argument("--budget-metric", choices=("params", "flops"), default="params")
+                   help="sylvester: exact damped logit fit (eigen form); factored: two ridge regressions; "
+                        + _per_method("logit_solve"))
+    p.add_argument("--budget", type=_fraction, default=None, metavar="F",
+                   help="instead of sparsities: remove this fraction of parameters (or FLOPs) with per-block "
+                        "sparsities chosen by measured error")
+    p.add_argument("--budget-metric", choices=("params", "flops"), default="params", help="what --budget counts")
     p.add_argument("--no-compensate", action="store_true", help="plain structured pruning, no compensation")
-    p.add_argument("--ridge", type=float, default=DEFAULT_MLP_RIDGE, help="MLP damping relative to mean diag Σ_SS")
-    p.add_argument("--attn-ridge", type=float, default=DEFAULT_ATTN_RIDGE)
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
-    p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument("--workers", type=int, default=2, help="data loading processes")
+    p.add_argument("--ridge", type=_positive_float, default=DEFAULT_MLP_RIDGE,
+                   help="MLP ridge damping, relative to mean diag Σ_SS")
+    p.add_argument("--attn-ridge", type=_positive_float, default=DEFAULT_ATTN_RIDGE,
+                   help="attention ridge damping, relative to mean diag GQ_SS · mean diag GK_SS")
+    p.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="calibration images per forward pass (also the batch of the throughput measurement)")
+    p.add_argument("--device", default=None, help="where blocks run, e.g. cuda, cuda:1, cpu; default: cuda if available")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                   help="dtype of the forward passes and the saved model; default: the model's own "
+                        "(statistics and solves are fp64 regardless)")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                   help="statistics/solve kernels: torch (PyTorch reference), triton (GPU kernels), "
+                        "compiled (C++/CUDA solver), auto (the fastest available)")
+    p.add_argument("--workers", type=_nonnegative_int, default=2, help="data loading processes (0: in this process)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --calib-size subset")
     p.add_argument("--states", choices=("auto", "device", "cpu", "disk"), default="auto",
                    help="where calibration hidden states live between blocks")
-    p.add_argument("--checkpoint-dir", help="save progress after each block here; rerun to resume")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="save progress after each block here; rerun to resume")
     p.add_argument("--report", action="store_true", help="also write report.json and report.png into --out")
+    p.add_argument("--throughput-runs", type=_nonnegative_int, default=3, metavar="N",
+                   help="measure dense and pruned images/s on one calibration batch, median of N timed "
+                        "forwards (0: skip)")
 
-    e = sub.add_parser("eval", help="top-1/top-5 accuracy on a labelled ImageFolder")
-    e.add_argument("--model", required=True, help="timm model name, or a directory written by corp")
-    e.add_argument("--checkpoint", help="local weights file for a timm model name")
-    e.add_argument("--data", required=True, help="ImageFolder directory (one sub-folder per class)")
-    e.add_argument("--batch-size", type=_positive_int, default=64)
-    e.add_argument("--device", default=None)
-    e.add_argument("--workers", type=int, default=2)
+    e = sub.add_parser("eval", help="top-1/top-5 accuracy on a labelled ImageFolder",
+                       description="Top-1/top-5 accuracy of a model on a labelled ImageFolder. Class sub-folders "
+                                   "are sorted by name and numbered 0..K-1 (torchvision's ImageFolder order); "
+                                   "folder i must be the model's class i.",
+                       epilog=_FAMILIES_EPILOG, formatter_class=_HelpFormatter)
+    _add_model_arguments(e)
+    e.add_argument("--data", required=True, metavar="DIR",
+                   help="ImageFolder directory: one sub-folder of images per class, sorted names = class indices")
+    e.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass")
+    e.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu; default: cuda if available")
+    e.add_argument("--workers", type=_nonnegative_int, default=2, help="data loading processes (0: in this process)")
 
-    d = sub.add_parser("demo", help="offline demo: train a small ViT on scikit-learn digits and prune it")
-    d.add_argument("--mlp-sparsity", type=_fraction, default=0.5)
-    d.add_argument("--attn-sparsity", type=_fraction, default=0.5)
+    d = sub.add_parser("demo", help="offline demo: train a small ViT on scikit-learn digits and prune it",
+                       description="Offline demo: a 4-block ViT trained on scikit-learn's digits (trained on the "
+                                   "first run, then cached), pruned with and without compensation.",
+                       formatter_class=_HelpFormatter)
+    d.add_argument("--mlp-sparsity", type=_fraction, default=0.5, metavar="S",
+                   help="fraction of MLP hidden channels to remove")
+    d.add_argument("--attn-sparsity", type=_fraction, default=0.5, metavar="S",
+                   help="fraction of query/key dims to remove")
     d.add_argument("--no-cache", action="store_true", help="retrain instead of using the cached model")
+
+    sub.add_parser("models", help="list the model families corp can prune",
+                   description="List the model families corp can prune (corp.models.ADAPTERS).",
+                   formatter_class=_HelpFormatter)
     return parser
 
 
-def _device(name: Optional[str]) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# ---------------------------------------------------------------------------------------- checks
+
+
+def _warn(command: str, message: str) -> None:
+    print(f"corp {command}: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _check_model(name: str, checkpoint: Optional[str], lazy: bool = False) -> bool:
+    """Refuse a --model / --checkpoint / --lazy combination that cannot load, before loading anything
+    (and before importing torch). Returns whether ``name`` is to be a timm model name."""
+    from .paths import is_corp_dir
+
+    if os.path.isdir(name):
+        if not is_corp_dir(name):
+            raise ValueError(f"--model {name} is a directory but not one written by corp (no corp config.json)")
+        if checkpoint is not None or lazy:
+            raise ValueError(f"--checkpoint/--lazy apply to a timm model name; --model {name} is a corp "
+                             "directory that holds its own weights")
+        return False
+    if os.path.isfile(name):
+        raise ValueError(f"--model {name} is a file: pass the timm model name as --model and the file as "
+                         "--checkpoint")
+    if ":" not in name and (os.sep in name or name.startswith(".")):
+        raise ValueError(f"--model {name} is neither a directory (there is none) nor a timm model name "
+                         "(a Hugging Face hub repository needs the prefix hf-hub:)")
+    if checkpoint is not None:
+        if not os.path.exists(checkpoint):
+            raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist")
+        if not os.path.isfile(checkpoint):
+            raise ValueError(f"--checkpoint {checkpoint} is not a file")
+    if lazy and not (checkpoint and checkpoint.endswith(".safetensors")):
+        raise ValueError("--lazy needs --checkpoint FILE.safetensors holding the model's state_dict")
+    return True
+
+
+def _check_timm_name(name: str) -> None:
+    """Refuse a name timm does not know, suggesting the closest ones (imports timm)."""
+    import difflib
+
+    import timm
+    from timm.models import parse_model_name
+
+    source, arch = parse_model_name(name)
+    if source is None and not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
+        raise ValueError(f"--model {name!r} is neither a directory written by corp nor a timm model name{hint}")
+
+
+def _check_writable_dir(path: str, option: str) -> None:
+    """A directory ``path`` that exists, or can be created, and can be written."""
+    from pathlib import Path
+
+    from .paths import check_creatable
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{option} {path} exists and is a file, not a directory")
+    check_creatable(Path(path) / "x", f"{option} {path}")
+
+
+def _device(name: Optional[str]):
+    """The torch.device of --device (default: cuda if available), refused when it cannot be used."""
+    import torch
+
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"--device {name!r} is not a device name ({exc})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
 
 
 def _progress(loader, desc: str):
@@ -107,10 +279,9 @@ def _progress(loader, desc: str):
     return tqdm(loader, desc=desc, unit="batch")
 
 
-def _init_distributed(device: torch.device) -> tuple[torch.device, int, int]:
+def _init_distributed(device) -> tuple:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs."""
-    import os
-
+    import torch
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -125,19 +296,88 @@ def _init_distributed(device: torch.device) -> tuple[torch.device, int, int]:
     return device, dist.get_rank(), dist.get_world_size()
 
 
+# ---------------------------------------------------------------------------------------- commands
+
+
+def _prune_config(args: argparse.Namespace):
+    """The run's PruneConfig, built now so that every invalid value or combination is refused before work."""
+    from .config import PruneConfig
+
+    config = PruneConfig.create(
+        method=args.method, propagate=args.propagate, target=args.target, logit_fit=args.logit_fit,
+        selection=args.selection, logit_solve=args.logit_solve, mlp_sparsity=args.mlp_sparsity,
+        attn_sparsity=args.attn_sparsity, compensate=not args.no_compensate, budget=args.budget,
+        budget_metric=args.budget_metric, ridge=args.ridge, attn_ridge=args.attn_ridge,
+        batch_size=args.batch_size, backend=args.backend, states=args.states,
+    )
+    # corp.prune refuses this too, but only once the model is loaded
+    if config.error_correcting and args.checkpoint_dir is not None:
+        raise ValueError("--checkpoint-dir is not supported with --target dense (two streams of states)")
+    if not (args.budget or args.mlp_sparsity or args.attn_sparsity):
+        _warn("prune", "--mlp-sparsity and --attn-sparsity are 0 and no --budget is given: nothing is removed")
+    return config
+
+
+def _measure_throughput(args, dense, pruned, loader, device, dtype) -> None:
+    """Dense vs pruned images/s on the first calibration batch, into ``pruned.corp_report``.
+
+    A failure here (e.g. out of memory with both models on the device) is a warning: the
+    pruned model is saved regardless.
+    """
+    from .report import measure_throughput
+
+    try:
+        images = next(iter(loader))
+        images = images.to(device, dtype=dtype or next(pruned.parameters()).dtype)
+        dense_ips = measure_throughput(dense.to(device, dtype=images.dtype), images, args.throughput_runs)
+        pruned_ips = measure_throughput(pruned.to(device), images, args.throughput_runs)
+    except Exception as exc:  # noqa: BLE001 - never lose the pruned model to a measurement
+        _warn("prune", f"throughput not measured ({type(exc).__name__}: {exc})")
+        return
+    finally:
+        pruned.to("cpu")
+    pruned.corp_report.set_throughput(dense_ips, pruned_ips, int(images.shape[0]), str(device), args.throughput_runs)
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from .paths import check_output_dir, list_image_files
+
+    # everything that can be checked without the model, before loading it: files and folders
+    # first (no torch needed, so these errors come at once), then names, options and the device
+    timm_name = _check_model(args.model, args.checkpoint, args.lazy)
+    calib_files = list_image_files(args.calib)
+    check_output_dir(args.out)
+    if args.checkpoint_dir is not None:
+        _check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
+    if args.report and importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("--report draws report.png with matplotlib, which is not installed: "
+                          "pip install 'corp-prune[plot]' (or drop --report)")
+    config = _prune_config(args)
+    if timm_name:
+        _check_timm_name(args.model)
+    device = _device(args.device)
+
+    import torch
+
     import corp
+    from . import ops
     from .data import calibration_loader
+
+    ops.resolve(config.backend, device)  # an unavailable --backend says so now
+    dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
+    device, rank, world = _init_distributed(device)
+    if rank == 0 and args.calib_size is not None and args.calib_size > len(calib_files):
+        _warn("prune", f"--calib-size {args.calib_size} but {args.calib} has only {len(calib_files)} images: "
+                       f"calibrating on all {len(calib_files)}")
 
     weights = None
     if args.lazy:
-        if not (args.checkpoint and args.checkpoint.endswith(".safetensors")):
-            raise ValueError("--lazy needs --checkpoint FILE.safetensors holding the model's state_dict")
         model, weights = corp.meta_model(args.model), args.checkpoint
     else:
         model = corp.load_model(args.model, checkpoint=args.checkpoint)
-    device, rank, world = _init_distributed(_device(args.device))
-    loader = calibration_loader(model, args.calib, args.calib_size, args.batch_size, args.workers, args.seed,
+    loader = calibration_loader(model, calib_files, args.calib_size, args.batch_size, args.workers, args.seed,
                                 shard=(rank, world))
     t = time.perf_counter()
     pruned = corp.prune(
@@ -158,7 +398,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         attn_ridge=args.attn_ridge,
         batch_size=args.batch_size,
         device=device,
-        dtype=_DTYPES[args.dtype] if args.dtype else None,
+        dtype=dtype,
         backend=args.backend,
         states=args.states,
         checkpoint_dir=args.checkpoint_dir,
@@ -167,6 +407,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     seconds = time.perf_counter() - t
     if rank == 0:  # every rank holds the same pruned model; one writes it
+        if args.throughput_runs > 0:
+            if args.lazy:
+                _warn("prune", "throughput not measured: with --lazy the dense model was never in memory")
+            else:
+                _measure_throughput(args, model, pruned, loader, device, dtype)
+        del model
         out = corp.save_pretrained(pruned, args.out)
         if args.report:
             pruned.corp_report.save_json(out / "report.json")
@@ -181,25 +427,50 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-@torch.no_grad()
+def _check_classes(model, classes: list[str], data: str) -> None:
+    """Refuse an ImageFolder with more classes than the model predicts; warn when it has fewer."""
+    outputs = getattr(model, "num_classes", None)
+    if not outputs:
+        return
+    k = len(classes)
+    if k > outputs:
+        raise ValueError(f"{data} has {k} class folders but the model predicts {outputs} classes: folders are "
+                         f"labelled 0..{k - 1} by sorted name, so labels {outputs}..{k - 1} could never be right")
+    if k < outputs:
+        _warn("eval", f"{data} has {k} class folders but the model predicts {outputs} classes: folders are "
+                      f"labelled 0..{k - 1} by sorted name ({classes[0]!r} = 0, ...), so the accuracy is only "
+                      f"meaningful if those are the model's classes 0..{k - 1}")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .paths import image_folder_classes
+
+    timm_name = _check_model(args.model, args.checkpoint)
+    classes = image_folder_classes(args.data)
+    if timm_name:
+        _check_timm_name(args.model)
+    device = _device(args.device)
+
+    import torch
+
     import corp
     from .data import eval_loader
 
     model = corp.load_model(args.model, checkpoint=args.checkpoint)
-    device = _device(args.device)
+    _check_classes(model, classes, args.data)
     model.to(device).eval()
     loader = eval_loader(model, args.data, args.batch_size, args.workers)
     top1 = top5 = total = 0
-    for images, labels in _progress(loader, "corp: evaluating"):
-        logits = model(images.to(device))
-        labels = labels.to(device)
-        k = min(5, logits.shape[-1])
-        best = logits.topk(k, dim=-1).indices
-        top1 += int((best[:, 0] == labels).sum())
-        top5 += int((best == labels[:, None]).any(-1).sum())
-        total += labels.numel()
-    result = {"top1": 100.0 * top1 / total, "top5": 100.0 * top5 / total, "images": total}
+    with torch.no_grad():
+        for images, labels in _progress(loader, "corp: evaluating"):
+            logits = model(images.to(device))
+            labels = labels.to(device)
+            k = min(5, logits.shape[-1])
+            best = logits.topk(k, dim=-1).indices
+            top1 += int((best[:, 0] == labels).sum())
+            top5 += int((best == labels[:, None]).any(-1).sum())
+            total += labels.numel()
+    result = {"top1": 100.0 * top1 / total, "top5": 100.0 * top5 / total, "images": total, "classes": len(classes)}
     print(json.dumps(result))
     return 0
 
@@ -211,13 +482,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import ADAPTERS
+
+    for cls in ADAPTERS:
+        doc = " ".join((cls.__doc__ or "").split("\n\n")[0].split()).replace("``", "")
+        print(f"{cls.name}: {doc}")
+    print("Anything else is refused with an error naming the module corp cannot prune.")
+    return 0
+
+
+_ERRORS = (ValueError, TypeError, OSError, RuntimeError, ImportError)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo}[args.command]
+    handler = {"prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo, "models": cmd_models}[args.command]
     try:
         return handler(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except _ERRORS as exc:
         print(f"corp {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -10,9 +10,10 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["data_config", "image_transform", "ImageFiles", "calibration_loader", "eval_loader", "IMAGE_EXTENSIONS"]
+__all__ = ["data_config", "image_transform", "ImageFiles", "calibration_loader", "eval_loader", "IMAGE_EXTENSIONS",
+           "list_image_files", "image_folder_classes"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+from .paths import IMAGE_EXTENSIONS, image_folder_classes, list_image_files  # noqa: F401 - re-exported
 
 
 def data_config(model: nn.Module) -> dict:
@@ -47,18 +48,16 @@ def _load_image(path: Path, channels: int):
 class ImageFiles(Dataset):
     """Every image file under ``root`` (recursively, class folders or not), sorted; labels are not read.
 
+    ``root``: a directory, or the list of image files :func:`list_image_files` found in one.
     ``limit``: keep a deterministic random subset of this many files (``seed``).
     ``shard``: ``(rank, world_size)``: keep every world_size-th file of that subset, from rank.
+    ``available``: how many image files there were before ``limit`` and ``shard``.
     """
 
-    def __init__(self, root: str | os.PathLike, transform, channels: int = 3, limit: Optional[int] = None,
-                 seed: int = 0, shard: tuple[int, int] = (0, 1)):
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"calibration directory {root} does not exist")
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if not files:
-            raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    def __init__(self, root: str | os.PathLike | list[Path], transform, channels: int = 3,
+                 limit: Optional[int] = None, seed: int = 0, shard: tuple[int, int] = (0, 1)):
+        files = list(root) if isinstance(root, (list, tuple)) else list_image_files(root)
+        self.available = len(files)
         if limit is not None and limit < len(files):
             files = sorted(random.Random(seed).sample(files, limit))
         files = files[shard[0] :: shard[1]]
@@ -71,9 +70,10 @@ class ImageFiles(Dataset):
         return self.transform(_load_image(self.files[i], self.channels))
 
 
-def calibration_loader(model: nn.Module, root: str, limit: Optional[int], batch_size: int, workers: int,
+def calibration_loader(model: nn.Module, root: str | list[Path], limit: Optional[int], batch_size: int, workers: int,
                        seed: int = 0, shard: tuple[int, int] = (0, 1)) -> DataLoader:
-    """Unlabeled calibration images under ``root`` as batches ``(B, C, H, W)`` (this rank's ``shard``)."""
+    """Unlabeled calibration images under ``root`` (or the listed files) as batches ``(B, C, H, W)``
+    (this rank's ``shard``)."""
     channels = data_config(model)["input_size"][0]
     dataset = ImageFiles(root, image_transform(model), channels=channels, limit=limit, seed=seed, shard=shard)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)

@@ -39,6 +39,13 @@ DIGITS_VIT_CONFIG = dict(
     img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=4, num_heads=4, mlp_ratio=4.0,
 )
 TRAIN_SETTINGS = dict(epochs=80, batch_size=64, lr=2e-3, weight_decay=0.05, seed=0)
+# The trained weights depend on torch's CPU thread count (measured: 2 epochs with 1 and with 2
+# threads give bitwise different weights; each count reproduces itself, and
+# torch.use_deterministic_algorithms changes nothing on the CPU). Training always uses this many
+# threads, so a machine's core count does not change the model; 2 is what the cached models so
+# far were trained with (2-core machines), so their training key still holds. Different CPUs
+# (instruction sets) may still round differently: see README, "Measured numbers".
+TRAIN_THREADS = 2
 
 
 @dataclass
@@ -72,6 +79,7 @@ def build_digits_vit(**overrides) -> VisionTransformer:
 
 
 def train_digits_vit(data: DigitsData, epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int,
+                     on_epoch=None,  # progress only: not hashed (training_key)
                      **overrides) -> VisionTransformer:
     """Train deterministically (fixed seed, CPU) with AdamW, cosine schedule and light augmentation."""
     gen = torch.Generator().manual_seed(seed)
@@ -95,6 +103,8 @@ def train_digits_vit(data: DigitsData, epochs: int, batch_size: int, lr: float, 
             loss.backward()
             opt.step()
             sched.step()
+        if on_epoch is not None:  # progress only: not hashed (training_key)
+            on_epoch()  # progress only: not hashed (training_key)
     return model.eval()
 
 
@@ -103,18 +113,28 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+# Lines of the hashed functions that only report progress end with this comment: they are left
+# out of the hash, so that showing progress does not retrain every cached model.
+_UNHASHED = "# progress only: not hashed (training_key)"
+
+
 def training_key(settings: dict, arch: dict) -> str:
     """The cache key of a trained digits ViT: a hash of the code that makes it (data loading,
-    model building, training loop), its configuration and the torch version."""
+    model building, training loop; less the progress-only lines), its configuration and the torch version."""
     code = "".join(inspect.getsource(f) for f in (load_digits_data, build_digits_vit, train_digits_vit))
+    code = "".join(line for line in code.splitlines(keepends=True) if not line.rstrip().endswith(_UNHASHED))
     blob = json.dumps({"code": code, "cfg": {**DIGITS_VIT_CONFIG, **arch}, "train": settings,
                        "torch": torch.__version__.split("+")[0]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def digits_vit(data: Optional[DigitsData] = None, cache: bool = True, **overrides) -> VisionTransformer:
+def digits_vit(data: Optional[DigitsData] = None, cache: bool = True, print_fn=None,
+               **overrides) -> VisionTransformer:
     """The trained digits ViT, from this machine's cache (``$CORP_CACHE``, default
-    ``~/.cache/corp``) or trained now (~1 min on 2 cores) and cached."""
+    ``~/.cache/corp``) or trained now (a few minutes on 2 cores) and cached.
+
+    ``print_fn``: when given, training says that it trains, where it caches, and its progress per epoch.
+    """
     from .io import load_pretrained, save_pretrained
 
     data = data or load_digits_data()
@@ -126,13 +146,37 @@ def digits_vit(data: Optional[DigitsData] = None, cache: bool = True, **override
             return load_pretrained(path)
         except Exception:  # a corrupt cache is rebuilt, never trusted
             pass
-    model = train_digits_vit(data, **settings, **arch)
+    on_epoch = None
+    if print_fn is not None:
+        print_fn(f"training the digits ViT ({settings['epochs']} epochs on {data.train_images.shape[0]} images; "
+                 + (f"first run: cached in {path}" if cache else "--no-cache: not cached") + ") ...")
+        on_epoch = _epoch_printer(settings["epochs"], print_fn)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        model = train_digits_vit(data, **settings, on_epoch=on_epoch, **arch)
+    finally:
+        torch.set_num_threads(threads)
     if cache:
         try:
             save_pretrained(model, path)
         except OSError:
             pass  # a read-only cache location only costs the next run a retrain
     return model
+
+
+def _epoch_printer(epochs: int, print_fn, every: int = 10):
+    """A callback for each finished epoch that prints ``epoch k/N, elapsed, remaining`` every ``every`` epochs."""
+    start, done = time.perf_counter(), [0]
+
+    def on_epoch() -> None:
+        done[0] += 1
+        if done[0] % every == 0 or done[0] in (1, epochs):
+            elapsed = time.perf_counter() - start
+            left = elapsed / done[0] * (epochs - done[0])
+            print_fn(f"  epoch {done[0]}/{epochs}, {elapsed:.0f}s elapsed, about {left:.0f}s left")
+
+    return on_epoch
 
 
 @torch.no_grad()
@@ -166,7 +210,7 @@ def run_demo(mlp_sparsity: float = 0.5, attn_sparsity: float = 0.5, calib_images
 
     t0 = time.perf_counter()
     data = load_digits_data()
-    model = digits_vit(data, cache=cache)
+    model = digits_vit(data, cache=cache, print_fn=print_fn)
     t_model = time.perf_counter() - t0
     calib = data.train_images[:calib_images]
     kwargs = dict(mlp_sparsity=mlp_sparsity, attn_sparsity=attn_sparsity)

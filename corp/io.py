@@ -14,12 +14,11 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .models import adapter_for, adapter_named
+from .paths import CONFIG_NAME, FORMAT, WEIGHTS_NAME, apply_umask, check_output_dir, is_corp_dir
 
-__all__ = ["save_pretrained", "load_pretrained", "load_model", "is_corp_dir", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["apply_umask", "save_pretrained", "load_pretrained", "load_model", "is_corp_dir", "check_output_dir", "HubUnreachableError",
+           "CONFIG_NAME", "WEIGHTS_NAME"]
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT = "corp-vit"
 FORMAT_VERSION = 1
 
 
@@ -72,16 +71,6 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def is_corp_dir(path: str | os.PathLike) -> bool:
-    cfg = Path(path) / CONFIG_NAME
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
-        return False
-
-
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``model`` (pruned or dense timm ViT) to ``directory``: weights and config.
 
@@ -102,8 +91,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
     if expected != actual:
         diff = sorted(set(expected.items()) ^ set(actual.items()))[:5]
         raise ValueError(f"cannot describe this model for saving: rebuilt architecture differs at {diff}")
-    if target.exists() and any(target.iterdir()) and not is_corp_dir(target):
-        raise FileExistsError(f"{target} exists and is not a corp model directory: refusing to overwrite it")
+    check_output_dir(target)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -112,6 +100,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
         with open(tmp / WEIGHTS_NAME, "rb+") as f:
             os.fsync(f.fileno())
         _fsync_write(tmp / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            apply_umask(tmp / name)
+        apply_umask(tmp, directory=True)  # mkdtemp made it 0700
         if target.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             backup.rmdir()
@@ -145,7 +136,13 @@ def load_pretrained(directory: str | os.PathLike, device: Optional[torch.device 
         )
     # saves of corp 0.1.0 name no family: they are all timm ViTs
     model = adapter_named(config.get("family", "timm_vit")).build(config["architecture"], config["blocks"])
-    state = load_file(str(directory / WEIGHTS_NAME))
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}: an incomplete corp model directory")
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+        raise ValueError(f"cannot read {weights}: {exc}") from exc
     model.load_state_dict(state, strict=True)
     model.pretrained_cfg = dict(config.get("pretrained_cfg") or {})
     model.corp_config = {k: config.get(k) for k in ("architecture", "blocks", "dense_blocks", "pruning", "corp_version")}
@@ -158,10 +155,108 @@ def load_pretrained(directory: str | os.PathLike, device: Optional[torch.device 
     return model.eval()
 
 
+class HubUnreachableError(ConnectionError):
+    """A timm model's pretrained weights are neither cached nor downloadable now (offline or no network)."""
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``url``'s host opens within ``timeout`` seconds.
+
+    Behind a proxy the answer is left to the download itself (True): only the proxy knows.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    scheme = parsed.scheme or "https"
+    if any(os.environ.get(k) for k in (f"{scheme}_proxy", f"{scheme.upper()}_PROXY", "all_proxy", "ALL_PROXY")):
+        return True
+    port = parsed.port or (443 if scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _cached_hub_weights(repo_id: str) -> Optional[str]:
+    """The weights of ``repo_id`` in the local Hugging Face cache, as timm would download them, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("model.safetensors", "pytorch_model.bin"):  # timm's order
+        found = try_to_load_from_cache(repo_id, filename)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _weights_source(name: str) -> Optional[str]:
+    """Where ``timm.create_model(name, pretrained=True)`` should read its weights without hanging.
+
+    Returns None to let timm download as usual (the source is reachable, or the weights are in
+    torch's cache), or the path of a cached copy to read directly when the Hugging Face hub is
+    offline (``HF_HUB_OFFLINE``) or unreachable: huggingface_hub would otherwise retry the
+    network for about a minute before it looks in its cache.
+
+    Raises:
+        HubUnreachableError: the weights are not cached and cannot be downloaded now; the
+            message says what to pass instead.
+    """
+    from timm.models import get_pretrained_cfg, is_model, parse_model_name
+
+    source, arch = parse_model_name(name)
+    if source == "local-dir":
+        return None
+    if source == "hf-hub":
+        hub_id, url = arch, None
+    else:
+        if not is_model(arch):
+            return None  # timm names the unknown model itself
+        cfg = get_pretrained_cfg(name, allow_unregistered=False)
+        if cfg is None:
+            return None  # timm itself reports a model without pretrained weights
+        hub_id, url = cfg.hf_hub_id, cfg.url
+    offline = _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+    if hub_id:
+        hub_id = hub_id.split("@")[0]  # a revision suffix is not part of the cache's repository name
+        cached = _cached_hub_weights(hub_id)
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+        if not offline and _reachable(endpoint):
+            return None
+        if cached is not None:
+            return cached
+        why = "HF_HUB_OFFLINE is set" if offline else f"the Hugging Face hub ({endpoint}) cannot be reached"
+        what = f"{hub_id} from the Hugging Face hub"
+    elif url:
+        import torch.hub
+
+        if Path(torch.hub.get_dir(), "checkpoints", Path(url).name).is_file() or _reachable(url):
+            return None
+        why, what = f"{url} cannot be reached", url
+    else:
+        return None
+    raise HubUnreachableError(
+        f"cannot download the pretrained weights of {name!r} ({what}): {why}, and they are not in the local "
+        "cache. Pass a local weights file with --checkpoint FILE (corp.load_model(name, checkpoint=FILE)), "
+        "a directory written by corp (corp prune --out / corp.save_pretrained), or a timm "
+        "'local-dir:/path/to/folder' holding config.json and model.safetensors; or download the weights "
+        "once where the network is reachable (they are then cached)."
+    )
+
+
 def load_model(name_or_dir: str, checkpoint: Optional[str] = None, pretrained: bool = True, **kwargs) -> nn.Module:
     """A corp directory → :func:`load_pretrained`; otherwise a timm model name.
 
-    ``checkpoint``: a local weights file for the timm model (no hub download).
+    ``checkpoint``: a local weights file for the timm model (no hub download). Without it the
+    weights come from timm's sources; when the hub is offline (``HF_HUB_OFFLINE=1``) or cannot
+    be reached, a cached copy is read directly and, without one, :class:`HubUnreachableError`
+    says so at once instead of after the hub's retries.
     Extra ``kwargs`` go to ``timm.create_model``.
     """
     if os.path.isdir(name_or_dir):
@@ -174,6 +269,9 @@ def load_model(name_or_dir: str, checkpoint: Optional[str] = None, pretrained: b
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"checkpoint file {checkpoint} does not exist")
         model = timm.create_model(name_or_dir, pretrained=False, checkpoint_path=checkpoint, **kwargs)
+    elif pretrained and (cached := _weights_source(name_or_dir)) is not None:
+        overlay = {**kwargs.pop("pretrained_cfg_overlay", {}), "file": cached}
+        model = timm.create_model(name_or_dir, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     else:
         model = timm.create_model(name_or_dir, pretrained=pretrained, **kwargs)
     return model.eval()

@@ -10,7 +10,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["BlockReport", "PruneReport", "count_parameters", "count_flops", "measure_block_errors"]
+__all__ = ["BlockReport", "PruneReport", "count_parameters", "count_flops", "measure_block_errors",
+           "measure_throughput"]
 
 
 @dataclass
@@ -67,6 +68,21 @@ class PruneReport:
     calibration_tokens: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
     allocation: Optional[dict[str, Any]] = None  # per-block sparsities chosen for a budget
+    # measured inference speed, when the caller measured it (the CLI does: :meth:`set_throughput`)
+    throughput: Optional[dict[str, Any]] = None
+
+    def set_throughput(self, dense: float, pruned: float, batch_size: int, device: str, runs: int) -> None:
+        """Record measured images/s of the dense and the pruned model on batches of ``batch_size``."""
+        self.throughput = {"dense_images_per_second": dense, "pruned_images_per_second": pruned,
+                           "speedup": pruned / dense, "batch_size": batch_size, "device": device, "runs": runs}
+
+    def _throughput_line(self) -> Optional[str]:
+        t = self.throughput
+        if not t:
+            return None
+        return (f"throughput (batch {t['batch_size']}, {t['device']}, median of {t['runs']}): "
+                f"dense {t['dense_images_per_second']:.1f} -> pruned {t['pruned_images_per_second']:.1f} images/s "
+                f"({t['speedup']:.2f}x)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,8 +125,13 @@ class PruneReport:
         ax_w.legend()
         ax_w.grid(alpha=0.3)
         s = self.settings
-        fig.suptitle(f"corp: {s.get('mlp_sparsity', 0):.0%} MLP, {s.get('attn_sparsity', 0):.0%} attention, "
-                     f"params {self.params_after / max(self.params_before, 1):.0%} of dense")
+        title = (f"corp: {s.get('mlp_sparsity', 0):.0%} MLP, {s.get('attn_sparsity', 0):.0%} attention, "
+                 f"{self.params_after / max(self.params_before, 1):.0%} of parameters kept")
+        if self.throughput:
+            t = self.throughput
+            title += (f"\nthroughput {t['dense_images_per_second']:.1f} -> {t['pruned_images_per_second']:.1f} "
+                      f"images/s ({t['speedup']:.2f}x, batch {t['batch_size']}, {t['device']})")
+        fig.suptitle(title)
         fig.tight_layout()
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
@@ -141,12 +162,39 @@ class PruneReport:
             )
         lines.append(
             f"params {self.params_before / 1e6:.2f}M -> {self.params_after / 1e6:.2f}M "
-            f"({self.params_after / max(self.params_before, 1):.1%}), "
+            f"({self.params_after / max(self.params_before, 1):.1%} kept), "
             f"FLOPs/image {self.flops_before / 1e9:.3f}G -> {self.flops_after / 1e9:.3f}G "
-            f"({self.flops_after / max(self.flops_before, 1):.1%}), "
+            f"({self.flops_after / max(self.flops_before, 1):.1%} kept), "
             f"{self.calibration_images} images / {self.calibration_tokens} tokens, {self.seconds:.1f}s"
         )
+        if self._throughput_line():
+            lines.append(self._throughput_line())
         return "\n".join(lines)
+
+
+@torch.no_grad()
+def measure_throughput(model: nn.Module, images: torch.Tensor, runs: int = 3) -> float:
+    """Median images/s of ``model(images)`` (``images``: ``(B, C, H, W)`` on the model's device and
+    dtype) over ``runs`` timed forwards after one untimed warm-up."""
+    import time
+
+    def forward() -> float:
+        if images.is_cuda:
+            torch.cuda.synchronize(images.device)
+        start = time.perf_counter()
+        model(images)
+        if images.is_cuda:
+            torch.cuda.synchronize(images.device)
+        return time.perf_counter() - start
+
+    was_training = model.training
+    model.eval()
+    try:
+        forward()
+        times = sorted(forward() for _ in range(runs))
+    finally:
+        model.train(was_training)
+    return images.shape[0] / times[len(times) // 2]
 
 
 def count_parameters(model: nn.Module) -> int:
