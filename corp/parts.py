@@ -52,6 +52,11 @@ class PrunedPart:
     seconds_fit: float = 0.0  # the fit's solves and the fold
 
 
+def _device(module: nn.Module) -> torch.device:
+    """Where a part's weights live (its statistics and fits go there)."""
+    return next(module.parameters()).device
+
+
 _SELECTIONS = {"energy": EnergySelection, "residual": ResidualSelection,
                "residual_factored": FactoredResidualSelection}
 _LOGIT_FITS = {"pooled": SylvesterLogitFit, "centred": SylvesterLogitFit, "per_image": PerImageLogitFit}
@@ -76,7 +81,7 @@ class AttentionPruner:
 
     def statistics(self, adapter, block: nn.Module) -> AttentionStatistics:
         part = adapter.attention(block)
-        return AttentionStatistics(part.num_heads, part.head_dim, part.qkv_site.weight.device, self.kernels,
+        return AttentionStatistics(part.num_heads, part.head_dim, _device(part.module), self.kernels,
                                    centre_keys=self.config.centred_keys, cross=self.correcting)
 
     def prune(self, adapter, block: nn.Module, stats: AttentionStatistics, sparsity: float,
@@ -85,7 +90,7 @@ class AttentionPruner:
         keep = kept_count(part.head_dim, sparsity)
         tick = time.perf_counter()
         kept, pruned = self.selection.select_qk(stats, keep)
-        dev = part.qkv_site.weight.device
+        dev = _device(part.module)
         kept, pruned = kept.to(dev), pruned.to(dev)
         tock = time.perf_counter()
         correction, lam = None, None
