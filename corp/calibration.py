@@ -12,7 +12,8 @@ from typing import Iterable, Iterator, Optional, Union
 
 import torch
 
-__all__ = ["CalibrationInput", "iter_calibration_batches", "is_token_batch", "batch_rows", "slice_batch"]
+__all__ = ["CalibrationInput", "iter_calibration_batches", "is_token_batch", "batch_rows", "slice_batch",
+           "read_text_lines", "tokenised_batches"]
 
 CalibrationInput = Union[torch.Tensor, Mapping, Iterable]
 
@@ -35,6 +36,31 @@ def slice_batch(batch, start: int, stop: int):
     if is_token_batch(batch):
         return {k: v[start:stop] for k, v in batch.items()}
     return batch[start:stop]
+
+
+def read_text_lines(path, max_lines: Optional[int] = None) -> list[str]:
+    """The non-empty lines of a UTF-8 text file (one calibration sample per line), stripped."""
+    lines = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                lines.append(line)
+                if max_lines is not None and len(lines) >= max_lines:
+                    break
+    if not lines:
+        raise ValueError(f"{path} holds no text: expected one calibration sample per line")
+    return lines
+
+
+def tokenised_batches(texts: list[str], tokenizer, batch_size: int = 32, max_length: Optional[int] = None):
+    """``texts`` as tokenised batches of ``batch_size`` sequences, each padded only to its own longest
+    (less padding than one batch of everything); ``max_length`` truncates (default: the tokenizer's)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return [dict(tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                           return_tensors="pt"))
+            for i in range(0, len(texts), batch_size)]
 
 
 def _as_token_batch(item: Mapping, index: int) -> dict[str, torch.Tensor]:

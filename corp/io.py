@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .models import adapter_for, adapter_named
 
-__all__ = ["save_pretrained", "load_pretrained", "load_model", "is_corp_dir", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_pretrained", "load_pretrained", "load_model", "load_hf_model", "is_corp_dir", "is_hf_dir",
+           "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -80,6 +81,37 @@ def is_corp_dir(path: str | os.PathLike) -> bool:
         return json.loads(cfg.read_text()).get("format") == FORMAT
     except (OSError, ValueError):
         return False
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a Hugging Face model directory (a ``config.json`` with a ``model_type``)."""
+    cfg = Path(path) / CONFIG_NAME
+    if not cfg.is_file():
+        return False
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "model_type" in data and data.get("format") != FORMAT
+
+
+def load_hf_model(directory: str | os.PathLike) -> nn.Module:
+    """A local Hugging Face model directory → the model in eval mode, never from the hub.
+
+    The class is the config's first ``architectures`` entry when transformers has it (e.g.
+    ``ViTForImageClassification``), else ``AutoModel``'s choice (e.g. ``BertModel``).
+    """
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError(f"{directory} is a Hugging Face model directory: install transformers "
+                          "(pip install corp-prune[hf])") from exc
+    config = json.loads((Path(directory) / CONFIG_NAME).read_text())
+    names = config.get("architectures") or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        cls = transformers.AutoModel
+    return cls.from_pretrained(str(directory), local_files_only=True).eval()
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -159,15 +191,19 @@ def load_pretrained(directory: str | os.PathLike, device: Optional[torch.device 
 
 
 def load_model(name_or_dir: str, checkpoint: Optional[str] = None, pretrained: bool = True, **kwargs) -> nn.Module:
-    """A corp directory → :func:`load_pretrained`; otherwise a timm model name.
+    """A corp directory → :func:`load_pretrained`; a Hugging Face model directory →
+    :func:`load_hf_model`; otherwise a timm model name.
 
     ``checkpoint``: a local weights file for the timm model (no hub download).
     Extra ``kwargs`` go to ``timm.create_model``.
     """
     if os.path.isdir(name_or_dir):
-        if not is_corp_dir(name_or_dir):
-            raise ValueError(f"{name_or_dir} is a directory but not a corp model directory (no corp {CONFIG_NAME})")
-        return load_pretrained(name_or_dir)
+        if is_corp_dir(name_or_dir):
+            return load_pretrained(name_or_dir)
+        if is_hf_dir(name_or_dir):
+            return load_hf_model(name_or_dir)
+        raise ValueError(f"{name_or_dir} is a directory but neither a corp nor a Hugging Face model directory "
+                         f"(no {CONFIG_NAME} of either)")
     import timm
 
     if checkpoint is not None:

