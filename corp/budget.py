@@ -376,7 +376,7 @@ def allocate_model(
     removed = cost_table(model, grid, metric)
     total = float(model_total(model, metric))
     idx = allocate(errors, removed, budget * total, max_sparsity, grid, refine=refine, tie=tie, total=total)
-    return allocation_to_sparsities(idx, grid, len(model.blocks))
+    return allocation_to_sparsities(idx, grid, len(_block_info(model)))
 
 
 # --------------------------------------------------------------------------- uniform reference

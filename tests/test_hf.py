@@ -358,3 +358,30 @@ def test_hf_directory_loads_through_load_model_and_text_file_calibrates(tmp_path
     pruned = corp.prune(loaded, batches, mlp_sparsity=0.5, report_images=0)
     assert pruned.corp_report.calibration_images == 40
     assert pruned.corp_report.calibration_tokens == sum(int(b["attention_mask"].sum()) for b in batches)
+
+
+def test_bert_budget_and_checkpoint_resume(tmp_path):
+    """The budget pre-pass (error curves on padded batches) and a resumed run (token masks rebuilt
+    from the calibration) work for text encoders; the resumed model equals the uninterrupted one."""
+    model = tiny_bert(dtype=torch.float64)
+    batch = padded(sentences(40))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        budgeted = corp.prune(model, batch, budget=0.2, batch_size=16)
+        before = sum(p.numel() for p in model.parameters())
+        assert sum(p.numel() for p in budgeted.parameters()) <= 0.8 * before
+
+        class Interrupt(Exception):
+            pass
+
+        def stop_after_first(i, record):
+            if i == 0:
+                raise Interrupt
+
+        kw = dict(mlp_sparsity=0.5, attn_sparsity=0.5, batch_size=16)
+        full = corp.prune(model, batch, **kw)
+        with pytest.raises(Interrupt):
+            corp.prune(model, batch, checkpoint_dir=tmp_path / "ck", callback=stop_after_first, **kw)
+        resumed = corp.prune(model, batch, checkpoint_dir=tmp_path / "ck", **kw)
+    a, b = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
