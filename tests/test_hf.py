@@ -364,7 +364,7 @@ def test_bert_budget_and_checkpoint_resume(tmp_path):
     """The budget pre-pass (error curves on padded batches) and a resumed run (token masks rebuilt
     from the calibration) work for text encoders; the resumed model equals the uninterrupted one."""
     model = tiny_bert(dtype=torch.float64)
-    batch = padded(sentences(40))
+    batch = padded(sentences(24))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         budgeted = corp.prune(model, batch, budget=0.2, batch_size=16)
