@@ -202,8 +202,8 @@ def load_model(name_or_dir: str, checkpoint: Optional[str] = None, pretrained: b
             return load_pretrained(name_or_dir)
         if is_hf_dir(name_or_dir):
             return load_hf_model(name_or_dir)
-        raise ValueError(f"{name_or_dir} is a directory but neither a corp nor a Hugging Face model directory "
-                         f"(no {CONFIG_NAME} of either)")
+        raise ValueError(f"{name_or_dir} is a directory but not a corp model directory (no corp {CONFIG_NAME}) "
+                         f"nor a Hugging Face one (no {CONFIG_NAME} with a model_type)")
     import timm
 
     if checkpoint is not None:

@@ -385,3 +385,14 @@ def test_bert_budget_and_checkpoint_resume(tmp_path):
         resumed = corp.prune(model, batch, checkpoint_dir=tmp_path / "ck", **kw)
     a, b = full.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unsupported_hf_module_named_by_path():
+    model = tiny_bert("BertForSequenceClassification")
+    model.bert.encoder.layer[1].attention.self = torch.nn.Identity()
+    with pytest.raises(ValueError, match=r"'bert\.encoder\.layer\.1\.attention\.self' \(Identity\): only BertSelfAttention"):
+        corp.prune(model, padded(sentences(4)), mlp_sparsity=0.5)
+    vit = _vision("ViTModel")
+    vit.encoder.layer[0].intermediate.dense = torch.nn.Sequential(vit.encoder.layer[0].intermediate.dense)
+    with pytest.raises(ValueError, match=r"'encoder\.layer\.0'.*MLP projections must be nn.Linear"):
+        corp.prune(vit, torch.randn(2, 3, 16, 16), mlp_sparsity=0.5)
