@@ -334,8 +334,12 @@ class _HFEncoder(ModelAdapter):
                 _fp64(q.weight).reshape(shape), _fp64(k.weight).reshape(shape), _fp64(v.weight).reshape(shape),
                 *[_fp64(p.bias).reshape(heads, head_dim) if p.bias is not None else None for p in (q, k, v)])
 
+        # the output projection, where it lives inside the swapped module (CLIP, SigLIP); BERT/ViT/DINOv2
+        # keep it in the layer's output module, shared by the dense and pruned attention: no output fit there
+        out_proj = getattr(attn, self.projection_names[3]) if len(self.projection_names) == 4 else None
         return AttentionPart(module=attn, num_heads=heads, head_dim=head_dim, qkv_site=ConcatenatedOutputs(q, k, v),
-                             qkv=qkv, weights=weights, build=lambda w, qk_dim: self._build_attention(attn, w, qk_dim))
+                             qkv=qkv, weights=weights, build=lambda w, qk_dim: self._build_attention(attn, w, qk_dim),
+                             out_proj=out_proj)
 
     def _pruned_like(self, attn: nn.Module, qk_dim: int) -> PrunedHFAttention:
         heads, head_dim = self._heads(attn)
