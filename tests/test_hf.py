@@ -398,19 +398,21 @@ def test_unsupported_hf_module_named_by_path():
         corp.prune(vit, torch.randn(2, 3, 16, 16), mlp_sparsity=0.5)
 
 
-def test_attention_output_fit_on_clip_and_refused_where_the_projection_is_shared():
-    """attn_output_fit refits an output projection inside the attention module (CLIP); BERT keeps it
-    in the layer's output module, shared with the dense attention, so the fit is refused there."""
-    model = _vision("CLIPVisionModel", seed=1)
+def test_attention_output_fit_on_hf_models():
+    """attn_output_fit refits the output projection of the pruned attention (CLIP: self_attn.out_proj;
+    BERT: attention.output.dense) on real tokens, leaves the dense model's untouched, and the block
+    errors stay below no compensation."""
     torch.manual_seed(2)
-    images = torch.randn(48, 3, 16, 16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fitted = corp.prune(model, images, attn_sparsity=0.5, attn_output_fit=True, report_images=48)
-        plain = corp.prune(model, images, attn_sparsity=0.5, report_images=48)
-    for a, b in zip(fitted.corp_report.blocks, plain.corp_report.blocks):
-        assert a.error_compensated < a.error_uncompensated
-    assert not torch.equal(fitted.vision_model.encoder.layers[0].self_attn.out_proj.weight,
-                           plain.vision_model.encoder.layers[0].self_attn.out_proj.weight)
-    with pytest.raises(ValueError, match="attn_output_fit needs the attention's output projection"):
-        corp.prune(tiny_bert(), padded(sentences(8)), attn_sparsity=0.5, attn_output_fit=True)
+    cases = [(_vision("CLIPVisionModel", seed=1), torch.randn(48, 3, 16, 16),
+              lambda m: m.vision_model.encoder.layers[0].self_attn.out_proj.weight),
+             (tiny_bert(seed=3), padded(sentences(48, seed=5)), lambda m: m.encoder.layer[0].attention.output.dense.weight)]
+    for model, calib, out_weight in cases:
+        dense_weight = out_weight(model).clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fitted = corp.prune(model, calib, attn_sparsity=0.5, attn_output_fit=True, report_images=48)
+            plain = corp.prune(model, calib, attn_sparsity=0.5, report_images=48)
+        for a in fitted.corp_report.blocks:
+            assert a.error_compensated < a.error_uncompensated
+        assert not torch.equal(out_weight(fitted), out_weight(plain))
+        assert torch.equal(out_weight(plain), dense_weight) and torch.equal(out_weight(model), dense_weight)

@@ -189,8 +189,11 @@ class _HFEncoder(ModelAdapter):
     model_classes: tuple[str, ...] = ()
     #: the attention module classes corp can prune, by name
     attention_classes: tuple[str, ...] = ()
-    #: the attribute path of the attention module inside a layer, and its q/k/v(/out) names
+    #: the attribute path of the q/k/v attention module inside a layer, and its q/k/v(/out) names
     attention_path: tuple[str, ...] = ()
+    #: the path of the module swapped as the "attn" part: the attention with its output projection
+    #: (BERT/ViT/DINOv2: the container of the q/k/v module and the output module; CLIP: the same module)
+    part_path: tuple[str, ...] = ()
     projection_names: tuple[str, ...] = ("query", "key", "value")
     style = "vit"
     text = False
@@ -253,6 +256,16 @@ class _HFEncoder(ModelAdapter):
         for name in self.attention_path:
             module = getattr(module, name)
         return module
+
+    def _part(self, block: nn.Module) -> nn.Module:
+        module = block
+        for name in self.part_path:
+            module = getattr(module, name)
+        return module
+
+    def out_projection(self, part: nn.Module) -> nn.Linear:
+        """The output projection inside the swapped attention part (BERT/ViT/DINOv2: ``output.dense``)."""
+        return part.output.dense
 
     def _set_attention(self, block: nn.Module, module: nn.Module) -> None:
         owner = block
@@ -334,12 +347,25 @@ class _HFEncoder(ModelAdapter):
                 _fp64(q.weight).reshape(shape), _fp64(k.weight).reshape(shape), _fp64(v.weight).reshape(shape),
                 *[_fp64(p.bias).reshape(heads, head_dim) if p.bias is not None else None for p in (q, k, v)])
 
-        # the output projection, where it lives inside the swapped module (CLIP, SigLIP); BERT/ViT/DINOv2
-        # keep it in the layer's output module, shared by the dense and pruned attention: no output fit there
-        out_proj = getattr(attn, self.projection_names[3]) if len(self.projection_names) == 4 else None
-        return AttentionPart(module=attn, num_heads=heads, head_dim=head_dim, qkv_site=ConcatenatedOutputs(q, k, v),
-                             qkv=qkv, weights=weights, build=lambda w, qk_dim: self._build_attention(attn, w, qk_dim),
-                             out_proj=out_proj)
+        part = self._part(block)
+        return AttentionPart(module=part, num_heads=heads, head_dim=head_dim, qkv_site=ConcatenatedOutputs(q, k, v),
+                             qkv=qkv, weights=weights, build=lambda w, qk_dim: self._build_part(part, attn, w, qk_dim),
+                             out_proj=self.out_projection(part))
+
+    def _build_part(self, part: nn.Module, attn: nn.Module, w: AttentionWeights, qk_dim: int) -> nn.Module:
+        """The swapped part with a pruned q/k/v module; the container's other children (the output
+        projection and its norm) are copies, so fits that rewrite them leave the dense part intact."""
+        core = self._build_attention(attn, w, qk_dim)
+        if part is attn:
+            return core
+        new = copy.copy(part)
+        core_name = self.attention_path[len(self.part_path):]
+        if len(core_name) != 1:
+            raise ValueError(f"{self.name}: the q/k/v module must be a direct child of the attention part")
+        new._modules = {name: core if name == core_name[0] else copy.deepcopy(child)
+                        for name, child in part._modules.items()}
+        new.train(part.training)
+        return new
 
     def _pruned_like(self, attn: nn.Module, qk_dim: int) -> PrunedHFAttention:
         heads, head_dim = self._heads(attn)
@@ -378,7 +404,10 @@ class _HFEncoder(ModelAdapter):
 
     def set_part(self, block: nn.Module, part: str, module: nn.Module) -> None:
         if part == "attn":
-            self._set_attention(block, module)
+            owner = block
+            for name in self.part_path[:-1]:
+                owner = getattr(owner, name)
+            setattr(owner, self.part_path[-1], module)
         elif part == "mlp":
             self.set_mlp(block, module)
         else:
@@ -521,6 +550,7 @@ class HFBert(_SplitMlpFamily):
                      "BertForMaskedLM", "BertForQuestionAnswering", "BertForMultipleChoice", "BertForPreTraining")
     attention_classes = ("BertSelfAttention", "BertSdpaSelfAttention")
     attention_path = ("attention", "self")
+    part_path = ("attention",)
     style = "bert"
     text = True
 
@@ -592,6 +622,7 @@ class HFViT(_SplitMlpFamily):
     model_classes = ("ViTModel", "ViTForImageClassification")
     attention_classes = ("ViTSelfAttention", "ViTSdpaSelfAttention")
     attention_path = ("attention", "attention")
+    part_path = ("attention",)
 
     def encoder(self, model):
         return model if type(model).__name__ == "ViTModel" else model.vit
@@ -625,6 +656,7 @@ class HFDinov2(_HFEncoder):
     model_classes = ("Dinov2Model", "Dinov2ForImageClassification")
     attention_classes = ("Dinov2SelfAttention", "Dinov2SdpaSelfAttention")
     attention_path = ("attention", "attention")
+    part_path = ("attention",)
 
     def encoder(self, model):
         return model if type(model).__name__ == "Dinov2Model" else model.dinov2
@@ -672,6 +704,7 @@ class _ClipLike(_HFEncoder):
     ``self_attn`` holds q/k/v and the output projection, and ``mlp`` (fc1 → act → fc2)."""
 
     attention_path = ("self_attn",)
+    part_path = ("self_attn",)
     projection_names = ("q_proj", "k_proj", "v_proj", "out_proj")
     style = "clip"
 
@@ -683,6 +716,9 @@ class _ClipLike(_HFEncoder):
 
     def attention_input(self, block, x):
         return block.layer_norm1(x)
+
+    def out_projection(self, part):
+        return part.out_proj
 
     def mlp_linears(self, block):
         return block.mlp.fc1, block.mlp.fc2
