@@ -205,7 +205,10 @@ setup(
     extras_require={
         "demo": ["scikit-learn>=1.3"],
         "plot": ["matplotlib>=3.7"],
-        "dev": ["scikit-learn>=1.3", "pytest>=8", "pytest-benchmark>=4", "pybind11>=2.12", "ninja", "matplotlib>=3.7"],
+        # Hugging Face encoders (corp.models.hf); tested with transformers 4.57.1
+        "hf": ["transformers>=4.50"],
+        "dev": ["scikit-learn>=1.3", "pytest>=8", "pytest-benchmark>=4", "pybind11>=2.12", "ninja", "matplotlib>=3.7",
+                "transformers>=4.50"],
     },
     entry_points={"console_scripts": ["corp=corp.cli:main"]},
     ext_modules=ext_modules,

@@ -379,7 +379,7 @@ def allocate_model(
     removed = cost_table(model, grid, metric)
     total = float(model_total(model, metric))
     idx = allocate(errors, removed, budget * total, max_sparsity, grid, refine=refine, tie=tie, total=total)
-    return allocation_to_sparsities(idx, grid, len(model.blocks))
+    return allocation_to_sparsities(idx, grid, len(_block_info(model)))
 
 
 # --------------------------------------------------------------------------- uniform reference
@@ -479,7 +479,8 @@ def measure_error_curves(run, states, report_batches: int) -> torch.Tensor:
     errors = torch.zeros(2 * depth, len(grid), dtype=torch.float64)
     paper = PruneConfig.create(method="paper", ridge=run.config.ridge, attn_ridge=run.config.attn_ridge)
     pruners = part_pruners(paper, run.kernels)
-    stream = DenseStream(states, adapter, dp, report_batches, owns_states=False)
+    stream = DenseStream(states, adapter, dp, report_batches, owns_states=False, masks=run.masks)
+    masks = stream.report_masks()
     for i in range(depth):
         block = run.load_block(i, copy_always=True)
         dense = {"attn": adapter.attention(block).module, "mlp": adapter.mlp(block).module}
@@ -496,8 +497,8 @@ def measure_error_curves(run, states, report_batches: int) -> torch.Tensor:
                     continue
                 module = pruners[name].prune(adapter, block, stats[name], p, ctx).module
                 with swapped(adapter, block, {name: module}):
-                    err, _ = measure_block_errors(adapter, block, inputs, [block(x) for x in inputs], reference,
-                                                  dense, {}, dp)
+                    outputs = [stream.run(block, j, x) for j, x in enumerate(inputs)]
+                    err, _ = measure_block_errors(adapter, block, inputs, outputs, reference, dense, {}, dp, masks)
                 errors[row, k] = err ** 2
         stream.advance(block, report=False)
         del block, stats

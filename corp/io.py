@@ -16,7 +16,8 @@ from . import __version__
 from .models import adapter_for, adapter_named
 from .paths import CONFIG_NAME, FORMAT, WEIGHTS_NAME, apply_umask, check_output_dir, is_corp_dir
 
-__all__ = ["apply_umask", "save_pretrained", "load_pretrained", "load_model", "is_corp_dir", "check_output_dir", "HubUnreachableError",
+__all__ = ["apply_umask", "save_pretrained", "load_pretrained", "load_model", "load_hf_model", "is_corp_dir",
+           "is_hf_dir", "check_output_dir", "HubUnreachableError",
            "CONFIG_NAME", "WEIGHTS_NAME"]
 
 FORMAT_VERSION = 1
@@ -69,6 +70,37 @@ def _fsync_write(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a Hugging Face model directory (a ``config.json`` with a ``model_type``)."""
+    cfg = Path(path) / CONFIG_NAME
+    if not cfg.is_file():
+        return False
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "model_type" in data and data.get("format") != FORMAT
+
+
+def load_hf_model(directory: str | os.PathLike) -> nn.Module:
+    """A local Hugging Face model directory → the model in eval mode, never from the hub.
+
+    The class is the config's first ``architectures`` entry when transformers has it (e.g.
+    ``ViTForImageClassification``), else ``AutoModel``'s choice (e.g. ``BertModel``).
+    """
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError(f"{directory} is a Hugging Face model directory: install transformers "
+                          "(pip install corp-prune[hf])") from exc
+    config = json.loads((Path(directory) / CONFIG_NAME).read_text())
+    names = config.get("architectures") or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        cls = transformers.AutoModel
+    return cls.from_pretrained(str(directory), local_files_only=True).eval()
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -251,7 +283,8 @@ def _weights_source(name: str) -> Optional[str]:
 
 
 def load_model(name_or_dir: str, checkpoint: Optional[str] = None, pretrained: bool = True, **kwargs) -> nn.Module:
-    """A corp directory → :func:`load_pretrained`; otherwise a timm model name.
+    """A corp directory → :func:`load_pretrained`; a Hugging Face model directory →
+    :func:`load_hf_model`; otherwise a timm model name.
 
     ``checkpoint``: a local weights file for the timm model (no hub download). Without it the
     weights come from timm's sources; when the hub is offline (``HF_HUB_OFFLINE=1``) or cannot
@@ -260,9 +293,12 @@ def load_model(name_or_dir: str, checkpoint: Optional[str] = None, pretrained: b
     Extra ``kwargs`` go to ``timm.create_model``.
     """
     if os.path.isdir(name_or_dir):
-        if not is_corp_dir(name_or_dir):
-            raise ValueError(f"{name_or_dir} is a directory but not a corp model directory (no corp {CONFIG_NAME})")
-        return load_pretrained(name_or_dir)
+        if is_corp_dir(name_or_dir):
+            return load_pretrained(name_or_dir)
+        if is_hf_dir(name_or_dir):
+            return load_hf_model(name_or_dir)
+        raise ValueError(f"{name_or_dir} is a directory but not a corp model directory (no corp {CONFIG_NAME}) "
+                         f"nor a Hugging Face one (no {CONFIG_NAME} with a model_type)")
     import timm
 
     if checkpoint is not None:

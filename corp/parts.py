@@ -53,6 +53,11 @@ class PrunedPart:
     seconds_fit: float = 0.0  # the fit's solves and the fold
 
 
+def _device(module: nn.Module) -> torch.device:
+    """Where a part's weights live (its statistics and fits go there)."""
+    return next(module.parameters()).device
+
+
 _SELECTIONS = {"energy": EnergySelection, "residual": ResidualSelection,
                "residual_factored": FactoredResidualSelection}
 _LOGIT_FITS = {"pooled": SylvesterLogitFit, "centred": SylvesterLogitFit, "per_image": PerImageLogitFit}
@@ -80,8 +85,7 @@ class AttentionPruner:
         part = adapter.attention(block)
         if part.refusal is not None:  # the pipeline checks first; this covers every other caller
             raise ValueError(f"cannot prune query/key dims: {part.refusal}")
-        device = next(part.module.parameters()).device
-        return AttentionStatistics(part.num_heads, part.head_dim, device, self.kernels,
+        return AttentionStatistics(part.num_heads, part.head_dim, _device(part.module), self.kernels,
                                    centre_keys=self.config.centred_keys, cross=self.correcting)
 
     def prune(self, adapter, block: nn.Module, stats: AttentionStatistics, sparsity: float,
@@ -96,7 +100,7 @@ class AttentionPruner:
             fit = self.rotary_fit
         else:
             kept, pruned = self.selection.select_qk(stats, keep)
-        dev = next(part.module.parameters()).device
+        dev = _device(part.module)
         kept, pruned = kept.to(dev), pruned.to(dev)
         tock = time.perf_counter()
         correction, lam = None, None

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from . import __version__
 from .budget import allocate_from_errors
-from .calibration import CalibrationInput, iter_calibration_batches
+from .calibration import CalibrationInput, batch_rows, is_token_batch, iter_calibration_batches
 from .checkpoint import Checkpoint, fingerprint_tensor
 from .config import DEFAULT_ATTN_RIDGE, DEFAULT_MLP_RIDGE, PruneConfig, Sparsity, kept_count
 from .distributed import DataParallel
@@ -195,7 +195,7 @@ def prune(
                 with swapped(adapter, block, dense):
                     plain = {name: pruners[name].uncompensated(adapter, block, kept[name]) for name in kept}
             record.error_compensated, record.error_uncompensated = measure_block_errors(
-                adapter, block, inputs, outputs, stream.dense_outputs, dense, plain, dp)
+                adapter, block, inputs, outputs, stream.dense_outputs, dense, plain, dp, stream.report_masks())
         run.finish_block(i, block, record, callback)
     return run.finish()
 
@@ -239,7 +239,7 @@ class _Run:
                 config.fingerprint(self.kernels, self.dtype), world_size=dp.world_size,
                 architecture=str(self.architecture), dense_blocks=self.widths_before,
                 weights=self.lazy.fingerprint() if self.lazy is not None else _weights_fingerprint(model),
-                first_batch=fingerprint_tensor(first),
+                first_batch=fingerprint_tensor(first["input_ids"] if is_token_batch(first) else first),
             )
             self.ckpt = Checkpoint(checkpoint_dir, fingerprint, rank=dp.rank)
             saved = self.ckpt.load_progress()
@@ -253,11 +253,14 @@ class _Run:
         self.blocks = adapter.blocks(work)
         self.report = PruneReport()
         self.first_block = 0
+        self.masks: Optional[list] = None  # per batch the (B, T) bool mask of real tokens (text), else None
         if saved is None:
-            expected = _expected_images(calibration, first.shape[0], config.max_images)
+            expected = _expected_images(calibration, batch_rows(first), config.max_images)
             states = self._embed_all(itertools.chain([first], batches), expected, checkpoint_dir)
-            self.images, self.tokens = dp.sum_int(states.images), dp.sum_int(states.tokens)
+            tokens = states.tokens if self.masks is None else sum(int(m.sum()) for m in self.masks)
+            self.images, self.tokens = dp.sum_int(states.images), dp.sum_int(tokens)
         else:
+            self.masks = self._token_masks(itertools.chain([first], batches))
             self.first_block = saved["next_block"]
             for j in range(self.first_block):
                 self.blocks[j] = self._restore_block(self.blocks[j], self.ckpt.load_block(j))
@@ -283,24 +286,40 @@ class _Run:
             dense_states = states.spawn()
             for t in states.raw():
                 dense_states.append(t)
-            self.stream = TwoStreams(states, dense_states, adapter, dp, report_batches, config.report_images)
+            self.stream = TwoStreams(states, dense_states, adapter, dp, report_batches, config.report_images,
+                                     masks=self.masks)
         elif config.propagate == "pruned":
-            self.stream = PrunedStream(states, adapter, dp, report_batches, report_images=config.report_images)
+            self.stream = PrunedStream(states, adapter, dp, report_batches, report_images=config.report_images,
+                                       masks=self.masks)
         else:
-            self.stream = DenseStream(states, adapter, dp, report_batches, report_images=config.report_images)
+            self.stream = DenseStream(states, adapter, dp, report_batches, report_images=config.report_images,
+                                      masks=self.masks)
 
-    def _embed_all(self, batches, expected_images: int, spill_dir: Optional[str]) -> HiddenStates:
-        """Embed every calibration batch once (the states' location sized from the first batch)."""
-        store, finite = None, True
+    def _token_masks(self, batches) -> Optional[list]:
+        """The token masks of every batch (None when no batch has padding information)."""
+        masks = []
         for batch in batches:
             self.adapter.check_inputs(self.work, batch)
-            x = self.adapter.embed(self.work, batch.to(device=self.device, dtype=self.dtype))
+            batch = self.adapter.prepare_batch(batch, self.device, self.dtype)
+            masks.append(self.adapter.token_mask(self.work, batch))
+        return masks if any(m is not None for m in masks) else None
+
+    def _embed_all(self, batches, expected_images: int, spill_dir: Optional[str]) -> HiddenStates:
+        """Embed every calibration batch once (the states' location sized from the first batch);
+        the token masks of text batches go to ``self.masks``."""
+        store, finite, masks = None, True, []
+        for batch in batches:
+            self.adapter.check_inputs(self.work, batch)
+            batch = self.adapter.prepare_batch(batch, self.device, self.dtype)
+            x = self.adapter.embed(self.work, batch)
+            masks.append(self.adapter.token_mask(self.work, batch))
             finite = finite and bool(torch.isfinite(x.sum()))
             if store is None:
                 nbytes = x[0].numel() * x.element_size() * expected_images
                 store = HiddenStates(choose_location(self.config.states, self.device, nbytes), self.device, spill_dir)
             store.append(x)
-        check_finite(finite, "the patch embedding output", self.dp)
+        check_finite(finite, "the embedding output", self.dp)
+        self.masks = masks if any(m is not None for m in masks) else None
         return store
 
     def warn_if_rank_deficient(self, index: int, stats) -> None:
@@ -413,8 +432,8 @@ def _weights_fingerprint(model: nn.Module) -> str:
 
 def _expected_images(calibration, first_batch: int, max_images: Optional[int]) -> int:
     """How many calibration images to expect: exact for tensors and datasets, else estimated."""
-    if torch.is_tensor(calibration):
-        n = calibration.shape[0]
+    if torch.is_tensor(calibration) or is_token_batch(calibration):
+        n = batch_rows(calibration)
     elif hasattr(getattr(calibration, "dataset", None), "__len__"):
         n = len(calibration.dataset)
     elif hasattr(calibration, "__len__"):

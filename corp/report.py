@@ -211,17 +211,20 @@ def count_flops(model: nn.Module) -> int:
     return adapter_for(model).count_flops(model)
 
 
-def _relative_error(outputs: list[torch.Tensor], reference: list[torch.Tensor], dp) -> float:
-    """``‖outputs − reference‖ / ‖reference‖`` over all batches of all ranks."""
-    num = sum(float(torch.linalg.vector_norm((o - r).float())) ** 2 for o, r in zip(outputs, reference))
-    den = sum(float(torch.linalg.vector_norm(r.float())) ** 2 for r in reference)
+def _relative_error(outputs: list[torch.Tensor], reference: list[torch.Tensor], dp, masks=None) -> float:
+    """``‖outputs − reference‖ / ‖reference‖`` over all batches of all ranks (real tokens only:
+    ``masks``, one ``(B, T)`` bool per batch or None)."""
+    masks = masks if masks is not None else [None] * len(reference)
+    pairs = [(o, r) if m is None else (o[m], r[m]) for o, r, m in zip(outputs, reference, masks)]
+    num = sum(float(torch.linalg.vector_norm((o - r).float())) ** 2 for o, r in pairs)
+    den = sum(float(torch.linalg.vector_norm(r.float())) ** 2 for _, r in pairs)
     num, den = dp.sum_float(num), dp.sum_float(den)
     return (num / max(den, 1e-300)) ** 0.5
 
 
 def measure_block_errors(adapter, block: nn.Module, inputs: list[torch.Tensor], outputs: list[torch.Tensor],
                          dense_outputs: list[torch.Tensor], dense: dict[str, nn.Module],
-                         plain: dict[str, nn.Module], dp) -> tuple[float, float]:
+                         plain: dict[str, nn.Module], dp, masks=None) -> tuple[float, float]:
     """The pruned block's output error on the report ``inputs``, with and without compensation.
 
     Args:
@@ -229,17 +232,24 @@ def measure_block_errors(adapter, block: nn.Module, inputs: list[torch.Tensor], 
         dense_outputs: the dense block's outputs on ``inputs`` (computed here when empty).
         dense: the block's dense part modules; ``plain``: the uncompensated pruned part modules
             (the same selection, no fit; empty when the run did not compensate).
+        masks: per input batch its ``(B, T)`` bool token mask (None: no padding); padding is
+            masked in the blocks and left out of the errors.
 
     Returns:
         ``(error_compensated, error_uncompensated)``, each ``‖y − y_dense‖ / ‖y_dense‖``.
     """
     from .streams import swapped
 
+    masks = masks if masks is not None else [None] * len(inputs)
+
+    def run() -> list[torch.Tensor]:
+        return [adapter.run_block(block, x, m) for x, m in zip(inputs, masks)]
+
     if not dense_outputs:
         with swapped(adapter, block, dense):
-            dense_outputs = [block(x) for x in inputs]
-    compensated = _relative_error(outputs, dense_outputs, dp)
+            dense_outputs = run()
+    compensated = _relative_error(outputs, dense_outputs, dp, masks)
     if not plain:
         return compensated, compensated
     with swapped(adapter, block, plain):
-        return compensated, _relative_error([block(x) for x in inputs], dense_outputs, dp)
+        return compensated, _relative_error(run(), dense_outputs, dp, masks)

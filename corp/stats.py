@@ -9,7 +9,9 @@
   is the Gram of per-image-centred keys (:mod:`corp.fit`); with ``cross=True``
   the cross Grams ``Σ q̂ qᵀ``, ``Σ k k̂ᵀ`` of the pruned and dense streams.
 
-Updates go through the :class:`~corp.ops.Kernels` of the run (``corp::gram_update_``,
+Every update takes an optional token ``mask`` ``(B, T)`` bool (False: padding): padded
+tokens never enter a statistic (the Grams sum over real tokens only, key centring uses
+each sequence's real tokens and their count). Updates go through the :class:`~corp.ops.Kernels` of the run (``corp::gram_update_``,
 ``corp::attention_stats_update_``). :meth:`reduce_` sums a statistic over
 distributed ranks; :meth:`check_finite` refuses NaN/Inf.
 """
@@ -39,22 +41,48 @@ def qk_heads(qkv: torch.Tensor, num_heads: int, head_dim: int) -> tuple[torch.Te
     return x[:, :, 0].transpose(1, 2), x[:, :, 1].transpose(1, 2)
 
 
+def _check_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``mask`` as a bool ``(B, T)`` matching the leading dims of ``x`` ``(B, T, C)``."""
+    if mask.dim() != 2 or tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"token mask must be (B, T) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+    return mask.to(device=x.device, dtype=torch.bool)
+
+
+def _centred_keys(k: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Keys ``(B, H, T, d)`` minus each sequence's mean over its real tokens; padded tokens zeroed."""
+    if mask is None:
+        return k - k.mean(dim=2, keepdim=True)
+    w = mask[:, None, :, None].to(k.dtype)  # (B, 1, T, 1)
+    mean = (k * w).sum(dim=2, keepdim=True) / w.sum(dim=2, keepdim=True).clamp(min=1)
+    return (k - mean) * w
+
+
 @torch.no_grad()
-def key_outer_update_(key_outer: torch.Tensor, qkv: torch.Tensor, num_heads: int, head_dim: int) -> None:
+def key_outer_update_(key_outer: torch.Tensor, qkv: torch.Tensor, num_heads: int, head_dim: int,
+                      mask: Optional[torch.Tensor] = None) -> None:
     """Add ``Σ_b s_b s_bᵀ / T_b`` (``s_b = Σ_{j∈b} k_j``, per head) into an fp64 accumulator.
 
     Args:
         key_outer: ``(H, d, d)`` float64 accumulator.
         qkv: ``(B, T, 3·H·d)`` fused qkv output, one image per row of B with all its
             T tokens (``(T, 3·H·d)`` is one image); products in fp32 (fp64 for fp64 input).
+        mask: ``(B, T)`` bool, the real tokens of each sequence (None: all): ``s_b`` and
+            ``T_b`` count only those (a sequence without real tokens adds nothing).
     """
     _, k = qk_heads(qkv, num_heads, head_dim)  # (B, H, T, d)
     if key_outer.shape != (num_heads, head_dim, head_dim):
         raise ValueError(f"key_outer must be ({num_heads}, {head_dim}, {head_dim}), got {tuple(key_outer.shape)}")
-    t = k.shape[2]
-    mean = k.mean(dim=2).transpose(0, 1)  # (H, B, d): s_b / T
-    # Σ_b s_b s_bᵀ / T = T · Σ_b k̄_b k̄_bᵀ, as one batched product over heads
-    key_outer += (torch.bmm(mean.transpose(1, 2), mean) * t).to(torch.float64)
+    if mask is None:
+        t = k.shape[2]
+        mean = k.mean(dim=2).transpose(0, 1)  # (H, B, d): s_b / T
+        # Σ_b s_b s_bᵀ / T = T · Σ_b k̄_b k̄_bᵀ, as one batched product over heads
+        key_outer += (torch.bmm(mean.transpose(1, 2), mean) * t).to(torch.float64)
+        return
+    mask = _check_mask(mask if qkv.dim() == 3 else mask.reshape(1, -1), k[:, 0])
+    w = mask[:, None, :, None].to(k.dtype)  # (B, 1, T, 1)
+    sums = (k * w).sum(dim=2).transpose(0, 1)  # (H, B, d): s_b
+    scaled = sums / w.sum(dim=2).transpose(0, 1).clamp(min=1)  # s_b / T_b
+    key_outer += torch.bmm(sums.transpose(1, 2), scaled).to(torch.float64)
 
 
 def centred_key_gram(gram_k: torch.Tensor, key_outer: torch.Tensor) -> torch.Tensor:
@@ -117,10 +145,16 @@ class MLPStatistics(_Statistics):
         self.cross = torch.zeros(hidden, hidden, dtype=torch.float64, device=device) if cross else None
 
     @torch.no_grad()
-    def update(self, h: torch.Tensor, h_dense: Optional[torch.Tensor] = None) -> None:
-        """Add hidden activations ``h`` ``(..., D_h)`` (and, with ``cross``, the dense stream's ``h_dense``)."""
+    def update(self, h: torch.Tensor, h_dense: Optional[torch.Tensor] = None,
+               mask: Optional[torch.Tensor] = None) -> None:
+        """Add hidden activations ``h`` ``(..., D_h)`` (and, with ``cross``, the dense stream's ``h_dense``);
+        ``mask`` ``(B, T)`` bool keeps only the real tokens of ``h`` ``(B, T, D_h)``."""
         if self._finalized is not None:
             raise RuntimeError("statistics already turned into a covariance: no further updates")
+        if mask is not None:
+            mask = _check_mask(mask, h)
+            h = h[mask]
+            h_dense = h_dense[mask] if h_dense is not None else None
         width = h.shape[-1]
         self.count += h.numel() // width
         if self.full:
@@ -222,19 +256,31 @@ class AttentionStatistics(_Statistics):
         self.cross_k = torch.zeros_like(self.gram_q) if cross else None
 
     @torch.no_grad()
-    def update(self, qkv: torch.Tensor, qkv_dense: Optional[torch.Tensor] = None) -> None:
-        """Add a qkv projection output ``(B, T, 3·H·d)`` (and, with ``cross``, the dense stream's)."""
+    def update(self, qkv: torch.Tensor, qkv_dense: Optional[torch.Tensor] = None,
+               mask: Optional[torch.Tensor] = None) -> None:
+        """Add a qkv projection output ``(B, T, 3·H·d)`` (and, with ``cross``, the dense stream's);
+        ``mask`` ``(B, T)`` bool: only real tokens count, keys centred over each sequence's real tokens."""
         h, d = self.num_heads, self.head_dim
-        self.count += qkv.numel() // qkv.shape[-1]
-        self.kernels.attention_stats_update_(self.gram_q, self.gram_k, self.score, qkv, h, d)
+        if mask is not None:
+            mask = _check_mask(mask, qkv)
+            real = qkv[mask][None]  # (1, N, 3·H·d): the Grams and scores are sums over tokens
+        else:
+            real = qkv
+        self.count += real.numel() // qkv.shape[-1]
+        self.kernels.attention_stats_update_(self.gram_q, self.gram_k, self.score, real, h, d)
         if self.key_outer is not None:
-            key_outer_update_(self.key_outer, qkv, h, d)
+            key_outer_update_(self.key_outer, qkv, h, d, mask)
         if self.cross_q is not None:
             q_hat, k_hat = qk_heads(qkv, h, d)
             q_dense, k_dense = qk_heads(qkv_dense, h, d)
             if self.centre_keys:
-                k_hat = k_hat - k_hat.mean(2, keepdim=True)
-                k_dense = k_dense - k_dense.mean(2, keepdim=True)
+                k_hat, k_dense = _centred_keys(k_hat, mask), _centred_keys(k_dense, mask)
+            elif mask is not None:
+                w = mask[:, None, :, None].to(k_hat.dtype)
+                k_hat, k_dense = k_hat * w, k_dense * w
+            if mask is not None:  # zero padded queries: they add nothing to the cross sums
+                w = mask[:, None, :, None].to(q_hat.dtype)
+                q_hat, q_dense = q_hat * w, q_dense * w
             _cross_update_(self.cross_q, q_hat, q_dense)
             _cross_update_(self.cross_k, k_dense, k_hat)
 

@@ -14,6 +14,12 @@
     earlier parts of the block were pruned (attention first, then the MLP).
   - :class:`TwoStreams` (``target="dense"``): the pruned stream plus the dense
     model's own stream, whose activations are the fits' targets.
+
+Token masks: for padded text batches a stream holds one ``(B, T)`` bool mask per batch
+(``masks``; they are the same at every block). Every block runs through
+``adapter.run_block(block, x, mask)`` / ``adapter.halves(block, mask)`` (padding masked as
+keys) and every statistics update gets the batch's mask, so padded tokens never enter a
+statistic; without masks (images) nothing changes.
 """
 from __future__ import annotations
 
@@ -209,11 +215,17 @@ def check_finite(ok: bool, where: str, dp) -> None:
         raise ValueError(f"non-finite activations (NaN or Inf) at {where}")
 
 
-def propagate(block, states: HiddenStates, out: HiddenStates, keep: int, where: str, dp) -> list[torch.Tensor]:
-    """Run ``block`` over every batch of ``states`` into ``out``; return the first ``keep`` outputs."""
+def halves(adapter, block: nn.Module, mask: Optional[torch.Tensor]):
+    """``adapter.halves`` for one batch (adapters without token masks take no ``mask`` argument)."""
+    return adapter.halves(block) if mask is None else adapter.halves(block, mask)
+
+
+def propagate(run, states: HiddenStates, out: HiddenStates, keep: int, where: str, dp) -> list[torch.Tensor]:
+    """``run(j, x)`` over every batch ``x`` (index ``j``) of ``states`` into ``out``; return the first
+    ``keep`` outputs."""
     finite, kept = True, []
     for j, x in enumerate(states):
-        y = block(x)
+        y = run(j, x)
         finite = finite and _finite(y)
         out.append(y)
         if j < keep:
@@ -236,11 +248,24 @@ class Stream:
     """
 
     def __init__(self, states: HiddenStates, adapter, dp, report_batches: int, owns_states: bool = True,
-                 report_images: Optional[int] = None):
+                 report_images: Optional[int] = None, masks: Optional[list[Optional[torch.Tensor]]] = None):
         self.states, self.adapter, self.dp, self.report_batches = states, adapter, dp, report_batches
         self.report_images = report_images
         self.owns_states = owns_states  # False: the first states are the caller's and stay open
+        self.masks = masks  # one (B, T) bool token mask per batch, or None: every token is real
         self.dense_outputs: list[torch.Tensor] = []  # dense block outputs of the report batches, when known
+
+    def mask(self, j: int) -> Optional[torch.Tensor]:
+        """Batch ``j``'s token mask ``(B, T)`` (None: no padding)."""
+        return None if self.masks is None else self.masks[j]
+
+    def run(self, block: nn.Module, j: int, x: torch.Tensor) -> torch.Tensor:
+        """``block`` on batch ``j``'s hidden states ``x``, its padding masked."""
+        return self.adapter.run_block(block, x, self.mask(j))
+
+    def report_masks(self) -> Optional[list[Optional[torch.Tensor]]]:
+        """The token masks of :meth:`report_inputs`, sliced like them (None: no padding)."""
+        return None if self.masks is None else self._report_slice([self.mask(j) for j in range(self.report_batches)])
 
     def begin(self, block: nn.Module, index: int, stats: dict, dense: dict[str, nn.Module]) -> None:
         """Start ``block`` (``dense``: its unpruned part modules)."""
@@ -250,20 +275,29 @@ class Stream:
         """Fill part ``name``'s statistics (the block's earlier parts are pruned by now)."""
 
     def qkv_batches(self, block: nn.Module):
-        """The attention's qkv projection over the stream's inputs to ``block`` (second passes)."""
+        """The attention's qkv projection over the stream's inputs to ``block`` (second passes), one
+        image per row: a padded batch is given sequence by sequence, each with its real tokens only."""
         part = self.adapter.attention(block)
-        return (part.qkv(x) for x in self.states)
+        for j, x in enumerate(self.states):
+            qkv, mask = part.qkv(x), self.mask(j)
+            if mask is None:
+                yield qkv
+            else:
+                for row in range(qkv.shape[0]):
+                    yield qkv[row][mask[row]][None]
 
     def attention_outputs(self, block: nn.Module, dense: nn.Module, pruned: nn.Module) -> Iterator[tuple]:
         """Per batch of the stream's inputs to ``block``: the heads' concatenated outputs (the output
         projection's input) of the ``dense`` and of the ``pruned`` attention module, ``(o, z)``,
-        each ``(B, T, H·d_v)`` (a second pass for :class:`corp.fit.AttentionOutputFit`)."""
+        each ``(B, T, H·d_v)`` (a second pass for :class:`corp.fit.AttentionOutputFit`); with token
+        masks, the real tokens only, ``(N, H·d_v)``."""
         a = self.adapter
-        for x in self.states:
-            pair = []
+        for j, x in enumerate(self.states):
+            pair, mask = [], self.mask(j)
             for module in (dense, pruned):
                 with swapped(a, block, {"attn": module}):
-                    pair.append(capture_input(a.halves(block)[0], a.attention(block).out_proj, x))
+                    out = capture_input(halves(a, block, mask)[0], a.attention(block).out_proj, x)
+                pair.append(out if mask is None else out[mask])
             yield tuple(pair)
 
     def report_inputs(self) -> list[torch.Tensor]:
@@ -309,8 +343,14 @@ class Stream:
                 continue
             part = a.attention(block)
             convert = part.qkv_from_site
-            out.append((part.qkv_site, st.update if convert is None else (lambda y, st=st, f=convert: st.update(f(y)))))
+            out.append((part.qkv_site, st.update if convert is None else
+                        (lambda y, st=st, f=convert, **kw: st.update(f(y), **kw))))
         return out
+
+    def _update(self, update, j: int):
+        """``update`` for batch ``j``'s activations (``(B, T, C)``), its padding left out."""
+        mask = self.mask(j)
+        return update if mask is None else (lambda *acts: update(*acts, mask=mask))
 
 
 class DenseStream(Stream):
@@ -320,14 +360,24 @@ class DenseStream(Stream):
     def begin(self, block, index, stats, dense):
         super().begin(block, index, stats, dense)
         self.next = self.states.spawn()
+        current = [0]  # the batch the hooks are seeing (its token mask)
+
+        def hooked(update):
+            return lambda out: self._update(update, current[0])(out)
+
+        def run(j, x):
+            current[0] = j
+            return self.run(block, j, x)
+
         with contextlib.ExitStack() as stack:
             for site, update in self._sites(block, stats):
-                stack.enter_context(_hook(site, update, stop=False))
-            self.dense_outputs = self._report_slice(propagate(block, self.states, self.next, self.report_batches,
+                stack.enter_context(_hook(site, hooked(update), stop=False))
+            self.dense_outputs = self._report_slice(propagate(run, self.states, self.next, self.report_batches,
                                                               f"the output of block {index}", self.dp))
 
     def advance(self, block, report=True):
-        pruned = [block(x) for x in self.report_inputs()] if report and self.report_batches else []
+        pruned = ([self.run(block, j, x) for j, x in enumerate(self.report_inputs())]
+                  if report and self.report_batches else [])
         self._move_to(self.next)
         return pruned
 
@@ -345,34 +395,37 @@ class PrunedStream(Stream):
         super().begin(block, index, stats, dense)
         self.after_attention: Optional[HiddenStates] = None
 
-    def _attention_halves(self, block) -> tuple:
-        """The block's two halves; the first one's outputs are kept for :meth:`advance`."""
-        first, second = self.adapter.halves(block)
+    def _start_after_attention(self) -> None:
+        """Keep the first halves' outputs from now on, for :meth:`advance`."""
         self.after_attention = self.states.spawn()
-        return first, second
 
     def fill(self, block, name, stats):
         if name == "attn":  # what a hook on the qkv projection sees, without the rest of the block
-            for qkv in self.qkv_batches(block):
-                stats.update(qkv)
+            qkv = self.adapter.attention(block).qkv  # rotary families: the rotated q/k
+            for j, x in enumerate(self.states):
+                self._update(stats.update, j)(qkv(x))
             return
         site, update = self._sites(block, {name: stats})[0]
-        first, second = self._attention_halves(block)
-        for x in self.states:
+        self._start_after_attention()
+        for j, x in enumerate(self.states):
+            first, second = halves(self.adapter, block, self.mask(j))
             y = first(x)
             self.after_attention.append(y)
-            update(capture(second, site, y))
+            self._update(update, j)(capture(second, site, y))
 
     def advance(self, block, report=True):
         nxt = self.states.spawn()
         where = f"the output of block {self.index}"
         if self.after_attention is not None:  # only the MLP half is left to run
-            second = self.adapter.halves(block)[1]
+            def second(j, y):
+                return halves(self.adapter, block, self.mask(j))[1](y)
+
             pruned = propagate(second, self.after_attention, nxt, self.report_batches, where, self.dp)
             self.after_attention.close()
             self.after_attention = None
         else:
-            pruned = propagate(block, self.states, nxt, self.report_batches, where, self.dp)
+            pruned = propagate(lambda j, x: self.run(block, j, x), self.states, nxt, self.report_batches, where,
+                               self.dp)
         self._move_to(nxt)
         return self._report_slice(pruned)
 
@@ -382,8 +435,8 @@ class TwoStreams(PrunedStream):
     dense activations (``stats.wants_dense``) get both, batch by batch."""
 
     def __init__(self, states: HiddenStates, dense_states: HiddenStates, adapter, dp, report_batches: int,
-                 report_images: Optional[int] = None):
-        super().__init__(states, adapter, dp, report_batches, report_images=report_images)
+                 report_images: Optional[int] = None, masks: Optional[list[Optional[torch.Tensor]]] = None):
+        super().__init__(states, adapter, dp, report_batches, report_images=report_images, masks=masks)
         self.dense_states = dense_states
 
     def begin(self, block, index, stats, dense):
@@ -398,23 +451,24 @@ class TwoStreams(PrunedStream):
         if name == "attn":  # the attention is still dense here: one qkv projection serves both streams
             qkv = a.attention(block).qkv
             for j, x in enumerate(self.states):
-                stats.update(qkv(x), qkv(self.dense_states[j]))
+                self._update(stats.update, j)(qkv(x), qkv(self.dense_states[j]))
             return
         # the MLP: ĥ from the pruned block; h from the dense stream's one full forward, which is
         # also that stream's next input
         site = a.mlp(block).hidden_site
-        first, second = self._attention_halves(block)
+        self._start_after_attention()
         self.next_dense, finite = self.dense_states.spawn(), True
         for j, x in enumerate(self.states):
+            first, second = halves(a, block, self.mask(j))
             y = first(x)
             self.after_attention.append(y)
             h_hat = capture(second, site, y)
             captured: list[torch.Tensor] = []
             with swapped(a, block, {"attn": self.dense["attn"]}), _hook(site, captured.append, stop=False):
-                y = block(self.dense_states[j])
+                y = self.run(block, j, self.dense_states[j])
             finite = finite and _finite(y)
             self.next_dense.append(y)
-            stats.update(h_hat, captured[0])
+            self._update(stats.update, j)(h_hat, captured[0])
         check_finite(finite, f"the output of block {self.index} (dense stream)", self.dp)
 
     def advance(self, block, report=True):
@@ -422,7 +476,8 @@ class TwoStreams(PrunedStream):
         if self.next_dense is None:
             self.next_dense = self.dense_states.spawn()
             with swapped(self.adapter, block, self.dense):
-                propagate(block, self.dense_states, self.next_dense, 0, f"the output of block {self.index}", self.dp)
+                propagate(lambda j, x: self.run(block, j, x), self.dense_states, self.next_dense, 0,
+                          f"the output of block {self.index}", self.dp)
         self.dense_states.close()
         self.dense_states = self.next_dense
         return pruned

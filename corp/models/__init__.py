@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .base import AttentionPart, AttentionWeights, MlpPart, MlpWeights, ModelAdapter, unsupported
+from .base import AttentionPart, AttentionWeights, ConcatenatedOutputs, MlpPart, MlpWeights, ModelAdapter, unsupported
+from .hf import HF_ADAPTERS
 from .timm_eva import TimmEva
 from .timm_vit import TimmViT
 
 __all__ = ["ADAPTERS", "TimmViT", "TimmEva", "adapter_for", "adapter_named", "ModelAdapter", "AttentionPart", "MlpPart",
-           "AttentionWeights", "MlpWeights", "unsupported"]
+           "AttentionWeights", "MlpWeights", "ConcatenatedOutputs", "unsupported"]
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (TimmViT, TimmEva)
+# Hugging Face families import transformers only when one of their models is met
+ADAPTERS: tuple[type[ModelAdapter], ...] = (TimmViT, TimmEva) + HF_ADAPTERS
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
@@ -25,7 +27,8 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
             return cls()
     raise TypeError(
         f"unsupported model type {type(model).__name__}: corp prunes timm VisionTransformer models "
-        "(deit_*, deit3_*, vit_*) and timm Eva models (eva02_*, vit_*_rope_*)"
+        "(deit_*, deit3_*, vit_*), timm Eva models (eva02_*, vit_*_rope_*) and the Hugging Face transformers "
+        "classes " + ", ".join(name for cls in HF_ADAPTERS for name in cls.model_classes)
     )
 
 

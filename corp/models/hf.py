@@ -1,0 +1,783 @@
+"""Adapters for Hugging Face ``transformers`` encoders: BERT-style text encoders and ViT, DINOv2,
+CLIP and SigLIP vision towers.
+
+What differs from timm, and how it maps onto the adapter interface:
+
+* **Separate q/k/v projections** (``query``/``key``/``value`` or ``q_proj``/``k_proj``/``v_proj``):
+  the statistics hook a :class:`~corp.models.base.ConcatenatedOutputs` of the three, which
+  reports the fused ``[q | k | v]`` output; :meth:`AttentionPart.weights` reads the three
+  weights. A pruned attention is a :class:`PrunedHFAttention` with the same projection
+  names (so state-dict keys stay HF's) and the replaced module's call signature and return.
+* **MLPs split over two modules** (BERT, ViT: ``intermediate.dense`` → act, then
+  ``output.dense`` + residual (+ post-norm)): the part's module is a :class:`SplitMlp` holding
+  both; :meth:`set_part` puts its two halves back where they came from.
+* **Post-norm blocks** (BERT): :meth:`halves` are the layer's own attention sub-module
+  (with its residual and LayerNorm) and its own feed-forward chunk, so
+  ``block(x) == second(first(x))`` bit for bit.
+* **Padding** (text): calibration batches are tokenised dicts; :meth:`token_mask` is their
+  ``attention_mask``; :meth:`run_block` turns it into HF's additive key mask for the layer.
+* **Saving**: the HF config cannot describe per-layer widths, so :meth:`describe` keeps the
+  model's class name and config dict, and :meth:`build` rebuilds the dense model from them
+  (``_from_config``, no hub) and reshapes every layer to its saved widths.
+
+``transformers`` is imported only when one of these models is met or rebuilt.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import AttentionPart, AttentionWeights, ConcatenatedOutputs, MlpPart, MlpWeights, ModelAdapter, unsupported
+
+__all__ = ["PrunedHFAttention", "SplitMlp", "HFBert", "HFViT", "HFDinov2", "HFClipVision", "HFSiglipVision",
+           "HF_ADAPTERS"]
+
+
+def _fp64(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t.detach().to(torch.float64) if t is not None else None
+
+
+def _first(out):
+    """HF modules return a tensor or a tuple whose first entry is the hidden states."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``(B, T)`` bool real-token mask → HF's additive key mask ``(B, 1, 1, T)`` (0 or dtype min)."""
+    if mask is None:
+        return None
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor], like: nn.Linear) -> nn.Linear:
+    out_f, in_f = weight.shape
+    ref = like.weight
+    layer = nn.Linear(in_f, out_f, bias=bias is not None, device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    layer.train(like.training)
+    return layer
+
+
+def _empty_linear(in_f: int, out_f: int, like: nn.Linear) -> nn.Linear:
+    ref = like.weight
+    return nn.Linear(in_f, out_f, bias=like.bias is not None, device=ref.device, dtype=ref.dtype)
+
+
+# --------------------------------------------------------------------------- pruned modules
+
+
+class PrunedHFAttention(nn.Module):
+    """Multi-head self-attention with ``qk_dim`` query/key dims and ``head_dim`` value dims per head,
+    in place of a Hugging Face attention module.
+
+    The projections keep the HF names (``names``: q, k, v and, for CLIP/SigLIP, the output
+    projection), so the state dict reads like the original's. Logits are scaled by
+    ``qk_dim ** -0.5`` (CORP folds ``sqrt(qk_dim / head_dim)`` into the queries, keeping the
+    dense temperature); q and k are zero-padded to ``head_dim`` for the fused kernels (zero
+    dims leave every logit unchanged). ``style`` selects the call signature and return value
+    of the module it replaces:
+
+    * ``"bert"``: ``forward(hidden_states, attention_mask=None, head_mask=None, ...)`` → ``(context, None)``
+    * ``"vit"``: ``forward(hidden_states, head_mask=None)`` → ``(context, None)`` (ViT, DINOv2)
+    * ``"clip"``: ``forward(hidden_states, attention_mask=None, causal_attention_mask=None, ...)``
+      → ``(projected output, None)`` (CLIP, SigLIP)
+
+    ``hidden_states`` ``(B, T, dim)``; masks are HF's additive masks broadcastable to ``(B, H, T, T)``.
+    """
+
+    STYLES = ("bert", "vit", "clip")
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, qk_dim: int, style: str,
+                 names: tuple[str, ...] = ("query", "key", "value"), qkv_bias: bool = True,
+                 out_bias: bool = True, dropout: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        if style not in self.STYLES:
+            raise ValueError(f"style must be one of {self.STYLES}, got {style!r}")
+        if not 0 < qk_dim <= head_dim:
+            raise ValueError(f"qk_dim must be in [1, head_dim={head_dim}], got {qk_dim}")
+        if len(names) not in (3, 4):
+            raise ValueError(f"names must be (q, k, v) or (q, k, v, out), got {names}")
+        dd = {"device": device, "dtype": dtype}
+        self.style, self.names = style, tuple(names)
+        self.num_heads, self.head_dim, self.qk_dim = num_heads, head_dim, qk_dim
+        self.dropout = dropout
+        widths = (num_heads * qk_dim, num_heads * qk_dim, num_heads * head_dim)
+        for name, width in zip(self.names[:3], widths):
+            setattr(self, name, nn.Linear(dim, width, bias=qkv_bias, **dd))
+        if len(self.names) == 4:
+            setattr(self, self.names[3], nn.Linear(num_heads * head_dim, dim, bias=out_bias, **dd))
+
+    def projections(self) -> tuple[nn.Linear, ...]:
+        return tuple(getattr(self, n) for n in self.names)
+
+    def attend(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """``x`` ``(B, T, dim)`` → ``(B, T, H·head_dim)`` (projected by the output projection if it has one)."""
+        b, n, _ = x.shape
+        h, s, d = self.num_heads, self.qk_dim, self.head_dim
+        proj = self.projections()
+        q = proj[0](x).view(b, n, h, s).transpose(1, 2)
+        k = proj[1](x).view(b, n, h, s).transpose(1, 2)
+        v = proj[2](x).view(b, n, h, d).transpose(1, 2)
+        if s < d:
+            q, k = F.pad(q, (0, d - s)), F.pad(k, (0, d - s))
+        if mask is not None:
+            mask = mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=s ** -0.5,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(b, n, h * d)
+        return proj[3](out) if len(proj) == 4 else out
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if self.style == "bert":
+            return self._forward_bert(hidden_states, *args, **kwargs)
+        if self.style == "vit":
+            return self._forward_vit(hidden_states, *args, **kwargs)
+        return self._forward_clip(hidden_states, *args, **kwargs)
+
+    def _forward_bert(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
+                      past_key_values=None, output_attentions=False, cache_position=None, **kwargs):
+        if head_mask is not None or encoder_hidden_states is not None or past_key_values is not None:
+            raise ValueError("a corp-pruned attention supports plain self-attention only "
+                             "(no head_mask, cross-attention or key/value cache)")
+        return self.attend(hidden_states, attention_mask), None
+
+    def _forward_vit(self, hidden_states, head_mask=None, **kwargs):
+        if head_mask is not None:
+            raise ValueError("a corp-pruned attention does not support head_mask")
+        return self.attend(hidden_states, None), None
+
+    def _forward_clip(self, hidden_states, attention_mask=None, causal_attention_mask=None, **kwargs):
+        if attention_mask is not None and causal_attention_mask is not None:
+            attention_mask = attention_mask + causal_attention_mask
+        elif causal_attention_mask is not None:
+            attention_mask = causal_attention_mask
+        return self.attend(hidden_states, attention_mask), None
+
+    def extra_repr(self) -> str:
+        return f"style={self.style}, num_heads={self.num_heads}, qk_dim={self.qk_dim}, head_dim={self.head_dim}"
+
+
+class SplitMlp(nn.Module):
+    """An MLP spread over two modules of an HF layer (BERT, ViT): ``intermediate`` (input
+    projection ``.dense`` and activation; its output is the hidden activation ``(B, T, D_h)``)
+    and ``dense``, the output projection inside the layer's output module. A handle for
+    swapping both at once; it is never called itself."""
+
+    def __init__(self, intermediate: nn.Module, dense: nn.Linear):
+        super().__init__()
+        self.intermediate, self.dense = intermediate, dense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(self.intermediate(x))
+
+
+# --------------------------------------------------------------------------- the shared adapter
+
+
+class _HFEncoder(ModelAdapter):
+    """What the HF families share; subclasses name their modules (class attributes and a few methods)."""
+
+    #: the transformers classes (by name) this family prunes, and what their pruned ones subclass
+    model_classes: tuple[str, ...] = ()
+    #: the attention module classes corp can prune, by name
+    attention_classes: tuple[str, ...] = ()
+    #: the attribute path of the q/k/v attention module inside a layer, and its q/k/v(/out) names
+    attention_path: tuple[str, ...] = ()
+    #: the path of the module swapped as the "attn" part: the attention with its output projection
+    #: (BERT/ViT/DINOv2: the container of the q/k/v module and the output module; CLIP: the same module)
+    part_path: tuple[str, ...] = ()
+    projection_names: tuple[str, ...] = ("query", "key", "value")
+    style = "vit"
+    text = False
+
+    # ---------------------------------------------------------------- family specifics
+    def encoder(self, model: nn.Module) -> nn.Module:
+        """The module holding embeddings and encoder (e.g. ``BertModel`` inside a task model)."""
+        raise NotImplementedError
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return self.encoder(model).encoder.layer
+
+    def attention_input(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """What the attention module reads for a block input ``x`` (its pre-norm, if any)."""
+        raise NotImplementedError
+
+    def mlp_linears(self, block: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+        raise NotImplementedError
+
+    def mlp_module(self, block: nn.Module) -> nn.Module:
+        return block.mlp
+
+    def hidden_site(self, block: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def set_mlp(self, block: nn.Module, module: nn.Module) -> None:
+        block.mlp = module
+
+    def build_mlp(self, block: nn.Module, kept: torch.Tensor, w_out: torch.Tensor,
+                  b_out: Optional[torch.Tensor]) -> nn.Module:
+        """A shallow copy of the MLP module (same activation) with ``fc1`` rows ``kept`` and a new ``fc2``."""
+        mlp = block.mlp
+        new = copy.copy(mlp)
+        new._modules = dict(mlp._modules)  # copy.copy shares the child dict: assigning fc1 would edit `mlp`
+        fc1 = mlp.fc1
+        new.fc1 = _linear(fc1.weight.detach()[kept], fc1.bias.detach()[kept] if fc1.bias is not None else None, fc1)
+        new.fc2 = _linear(w_out, b_out, mlp.fc2)
+        return new
+
+    def reshape_mlp(self, block: nn.Module, hidden: int) -> None:
+        fc1, fc2 = block.mlp.fc1, block.mlp.fc2
+        block.mlp.fc1 = _empty_linear(fc1.in_features, hidden, fc1)
+        block.mlp.fc2 = _empty_linear(hidden, fc2.out_features, fc2)
+
+    def tokens(self, model: nn.Module) -> int:
+        """Tokens of one input at the model's native size (FLOP counts and budgets)."""
+        cfg = model.config
+        return (cfg.image_size // cfg.patch_size) ** 2 + 1
+
+    def check_layer(self, path: str, block: nn.Module) -> None:
+        """Raise on what corp cannot prune in one layer beyond attention and MLP classes."""
+
+    # ---------------------------------------------------------------- shared
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__module__.startswith("transformers.") and type(model).__name__ in cls.model_classes
+
+    def _attention(self, block: nn.Module) -> nn.Module:
+        module = block
+        for name in self.attention_path:
+            module = getattr(module, name)
+        return module
+
+    def _part(self, block: nn.Module) -> nn.Module:
+        module = block
+        for name in self.part_path:
+            module = getattr(module, name)
+        return module
+
+    def out_projection(self, part: nn.Module) -> nn.Linear:
+        """The output projection inside the swapped attention part (BERT/ViT/DINOv2: ``output.dense``)."""
+        return part.output.dense
+
+    def _set_attention(self, block: nn.Module, module: nn.Module) -> None:
+        owner = block
+        for name in self.attention_path[:-1]:
+            owner = getattr(owner, name)
+        setattr(owner, self.attention_path[-1], module)
+
+    def _heads(self, attn: nn.Module) -> tuple[int, int]:
+        if isinstance(attn, PrunedHFAttention):
+            return attn.num_heads, attn.head_dim
+        heads = getattr(attn, "num_attention_heads", None) or attn.num_heads
+        head_dim = getattr(attn, "attention_head_size", None) or attn.head_dim
+        return heads, head_dim
+
+    def _qk_width(self, attn: nn.Module) -> int:
+        return attn.qk_dim if isinstance(attn, PrunedHFAttention) else self._heads(attn)[1]
+
+    def check_supported(self, model: nn.Module) -> None:
+        blocks = self.blocks(model)
+        if len(blocks) == 0:
+            raise ValueError("the model has no transformer layers to prune")
+        prefix = self._blocks_path(model)
+        for i, block in enumerate(blocks):
+            path = f"{prefix}.{i}"
+            attn = self._attention(block)
+            apath = f"{path}." + ".".join(self.attention_path)
+            if isinstance(attn, PrunedHFAttention):
+                raise unsupported(apath, attn, "this layer was already pruned by corp")
+            if type(attn).__name__ not in self.attention_classes:
+                raise unsupported(apath, attn, f"only {', '.join(self.attention_classes)} are supported")
+            heads, head_dim = self._heads(attn)
+            projections = [getattr(attn, n) for n in self.projection_names]
+            for name, p in zip(self.projection_names, projections):
+                if type(p) is not nn.Linear:
+                    raise unsupported(f"{apath}.{name}", p, "q/k/v projections must be nn.Linear")
+            for name, p in zip(self.projection_names[:3], projections[:3]):
+                if p.out_features != heads * head_dim:
+                    raise unsupported(f"{apath}.{name}", p, f"width {p.out_features} is not heads × head_dim "
+                                      f"= {heads} × {head_dim} (pruned heads are not supported)")
+            if len({p.bias is not None for p in projections[:3]}) != 1:
+                raise unsupported(apath, attn, "q, k and v must all have biases or none")
+            scale = getattr(attn, "scaling", getattr(attn, "scale", head_dim ** -0.5))
+            if not math.isclose(float(scale), head_dim ** -0.5, rel_tol=1e-6):
+                raise unsupported(apath, attn, f"logit scale {scale} is not head_dim ** -0.5")
+            fc_in, fc_out = self.mlp_linears(block)
+            if type(fc_in) is not nn.Linear or type(fc_out) is not nn.Linear:
+                raise unsupported(f"{path}", block, "the MLP projections must be nn.Linear")
+            self.check_layer(path, block)
+
+    def _blocks_path(self, model: nn.Module) -> str:
+        blocks = self.blocks(model)
+        for name, module in model.named_modules():
+            if module is blocks:
+                return name
+        return "layers"
+
+    def stem_to_(self, model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        in_blocks = {id(t) for t in list(self.blocks(model).parameters()) + list(self.blocks(model).buffers())}
+        for module in model.modules():
+            for name, p in module._parameters.items():
+                if p is not None and id(p) not in in_blocks:
+                    p.data = p.data.to(device=device, dtype=dtype)
+            for name, b in module._buffers.items():
+                if b is not None and id(b) not in in_blocks:  # integer buffers (position ids) keep their dtype
+                    module._buffers[name] = b.to(device=device, dtype=dtype if b.is_floating_point() else b.dtype)
+
+    def attention(self, block: nn.Module) -> AttentionPart:
+        attn = self._attention(block)
+        heads, head_dim = self._heads(attn)
+        q, k, v = (getattr(attn, n) for n in self.projection_names[:3])
+
+        def qkv(x):
+            y = self.attention_input(block, x)
+            return torch.cat([q(y), k(y), v(y)], dim=-1)
+
+        def weights() -> AttentionWeights:
+            shape = (heads, head_dim, -1)
+            return AttentionWeights(
+                _fp64(q.weight).reshape(shape), _fp64(k.weight).reshape(shape), _fp64(v.weight).reshape(shape),
+                *[_fp64(p.bias).reshape(heads, head_dim) if p.bias is not None else None for p in (q, k, v)])
+
+        part = self._part(block)
+        return AttentionPart(module=part, num_heads=heads, head_dim=head_dim, qkv_site=ConcatenatedOutputs(q, k, v),
+                             qkv=qkv, weights=weights, build=lambda w, qk_dim: self._build_part(part, attn, w, qk_dim),
+                             out_proj=self.out_projection(part))
+
+    def _build_part(self, part: nn.Module, attn: nn.Module, w: AttentionWeights, qk_dim: int) -> nn.Module:
+        """The swapped part with a pruned q/k/v module; the container's other children (the output
+        projection and its norm) are copies, so fits that rewrite them leave the dense part intact."""
+        core = self._build_attention(attn, w, qk_dim)
+        if part is attn:
+            return core
+        new = copy.copy(part)
+        core_name = self.attention_path[len(self.part_path):]
+        if len(core_name) != 1:
+            raise ValueError(f"{self.name}: the q/k/v module must be a direct child of the attention part")
+        new._modules = {name: core if name == core_name[0] else copy.deepcopy(child)
+                        for name, child in part._modules.items()}
+        new.train(part.training)
+        return new
+
+    def _pruned_like(self, attn: nn.Module, qk_dim: int) -> PrunedHFAttention:
+        heads, head_dim = self._heads(attn)
+        projections = [getattr(attn, n) for n in self.projection_names]
+        ref = projections[0].weight
+        dropout = getattr(attn, "dropout_prob", None)
+        if dropout is None:
+            dropout = getattr(attn, "dropout", 0.0)
+            dropout = dropout.p if isinstance(dropout, nn.Dropout) else float(dropout)
+        return PrunedHFAttention(
+            projections[0].in_features, heads, head_dim, qk_dim, self.style, self.projection_names,
+            qkv_bias=projections[0].bias is not None,
+            out_bias=len(projections) == 4 and projections[3].bias is not None,
+            dropout=dropout, device=ref.device, dtype=ref.dtype)
+
+    def _build_attention(self, attn: nn.Module, w: AttentionWeights, qk_dim: int) -> PrunedHFAttention:
+        new = self._pruned_like(attn, qk_dim)
+        new_proj = new.projections()
+        with torch.no_grad():
+            for layer, weight, bias in zip(new_proj[:3], (w.w_q, w.w_k, w.w_v), (w.b_q, w.b_k, w.b_v)):
+                layer.weight.copy_(weight.reshape(layer.out_features, -1))
+                if bias is not None:
+                    layer.bias.copy_(bias.reshape(-1))
+            if len(new_proj) == 4:
+                new_proj[3].load_state_dict(getattr(attn, self.projection_names[3]).state_dict())
+        new.train(attn.training)
+        return new
+
+    def mlp(self, block: nn.Module) -> MlpPart:
+        fc_in, fc_out = self.mlp_linears(block)
+        return MlpPart(
+            module=self.mlp_module(block), hidden=fc_in.out_features, hidden_site=self.hidden_site(block),
+            weights=lambda: MlpWeights(_fp64(fc_in.weight), _fp64(fc_in.bias), _fp64(fc_out.weight), _fp64(fc_out.bias)),
+            build=lambda kept, w_out, b_out: self.build_mlp(block, kept, w_out, b_out),
+        )
+
+    def set_part(self, block: nn.Module, part: str, module: nn.Module) -> None:
+        if part == "attn":
+            owner = block
+            for name in self.part_path[:-1]:
+                owner = getattr(owner, name)
+            setattr(owner, self.part_path[-1], module)
+        elif part == "mlp":
+            self.set_mlp(block, module)
+        else:
+            raise ValueError(f"unknown block part {part!r}")
+
+    def widths(self, block: nn.Module) -> dict[str, int]:
+        return {"mlp_hidden": self.mlp_linears(block)[0].out_features, "qk_dim": self._qk_width(self._attention(block))}
+
+    def reshape_block(self, block: nn.Module, widths: dict[str, int]) -> None:
+        if widths["mlp_hidden"] != self.mlp_linears(block)[0].out_features:
+            self.reshape_mlp(block, widths["mlp_hidden"])
+        attn = self._attention(block)
+        if widths["qk_dim"] != self._qk_width(attn):
+            if isinstance(attn, PrunedHFAttention):
+                raise ValueError("cannot reshape an already pruned attention")
+            self._set_attention(block, self._pruned_like(attn, widths["qk_dim"]))
+
+    def check_inputs(self, model: nn.Module, batch) -> None:
+        from ..calibration import is_token_batch
+
+        cfg = model.config
+        if is_token_batch(batch):
+            raise TypeError(f"{type(model).__name__} is a vision model: calibrate with pixel tensors (N, C, H, W), "
+                            "not tokenised text")
+        if not torch.is_tensor(batch) or batch.dim() != 4:
+            shape = tuple(batch.shape) if torch.is_tensor(batch) else type(batch).__name__
+            raise ValueError(f"calibration images must be pixel tensors (N, C, H, W), got {shape}")
+        if not batch.is_floating_point():
+            raise ValueError(f"calibration images must be floating point (normalised), got {batch.dtype}")
+        if batch.shape[1] != cfg.num_channels:
+            raise ValueError(f"calibration images have {batch.shape[1]} channels, the model expects {cfg.num_channels}")
+        size = (cfg.image_size, cfg.image_size) if isinstance(cfg.image_size, int) else tuple(cfg.image_size)
+        if tuple(batch.shape[-2:]) != size:
+            raise ValueError(f"calibration images are {batch.shape[-2]}×{batch.shape[-1]}, the model expects "
+                             f"{size[0]}×{size[1]}")
+
+    def block_costs(self, model: nn.Module) -> list[dict[str, Any]]:
+        tokens = self.tokens(model)
+        costs = []
+        for block in self.blocks(model):
+            attn = self._attention(block)
+            heads, head_dim = self._heads(attn)
+            fc_in, _ = self.mlp_linears(block)
+            q = getattr(attn, self.projection_names[0])
+            costs.append(dict(embed_dim=fc_in.in_features, mlp_hidden=fc_in.out_features, num_heads=heads,
+                              head_dim=head_dim, qk_dim=self._qk_width(attn), tokens=tokens,
+                              qkv_bias=q.bias is not None, mlp_bias=fc_in.bias is not None))
+        return costs
+
+    def count_flops(self, model: nn.Module) -> int:
+        """Every Linear of the layers per token, the two attention matmuls at their logical widths,
+        the patch embedding (vision) and every other Linear once (pooler, heads). Norms,
+        activations, softmax and embedding lookups are left out. Text encoders are counted at
+        ``max_position_embeddings`` tokens."""
+        tokens = self.tokens(model)
+        blocks = self.blocks(model)
+        in_blocks = {id(m) for m in blocks.modules()}
+        flops = 0
+        for block in blocks:
+            for m in block.modules():
+                if isinstance(m, nn.Linear):
+                    flops += 2 * tokens * m.in_features * m.out_features
+            attn = self._attention(block)
+            heads, head_dim = self._heads(attn)
+            flops += 2 * heads * tokens * tokens * (self._qk_width(attn) + head_dim)
+        for m in model.modules():
+            if id(m) in in_blocks:
+                continue
+            if isinstance(m, nn.Linear):
+                flops += 2 * m.in_features * m.out_features
+            elif isinstance(m, nn.Conv2d):
+                patches = tokens - 1
+                flops += 2 * patches * m.in_channels * m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+        return flops
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        if not self.matches(model):
+            raise TypeError(f"cannot save {type(model).__name__} as {self.name}")
+        return {"class": type(model).__name__, "config": model.config.to_dict(),
+                "attn_implementation": model.config._attn_implementation}
+
+    def build(self, arch: dict[str, Any], widths: Optional[list[dict[str, int]]] = None) -> nn.Module:
+        import transformers
+
+        name = arch.get("class")
+        if name not in self.model_classes or not hasattr(transformers, name):
+            raise ValueError(f"unknown {self.name} model class {name!r} in config (known: {list(self.model_classes)})")
+        cls = getattr(transformers, name)
+        config = cls.config_class.from_dict(dict(arch["config"]))
+        model = cls._from_config(config, attn_implementation=arch.get("attn_implementation"))
+        model.eval()
+        if widths is not None:
+            blocks = self.blocks(model)
+            if len(widths) != len(blocks):
+                raise ValueError(f"config lists {len(widths)} layers, the architecture has {len(blocks)}")
+            for block, w in zip(blocks, widths):
+                self.reshape_block(block, w)
+        return model
+
+
+# --------------------------------------------------------------------------- families
+
+
+class _SplitMlpFamily(_HFEncoder):
+    """Layers with ``intermediate`` (dense → act) and ``output`` (dense → dropout → + residual): BERT, ViT."""
+
+    def mlp_linears(self, block):
+        return block.intermediate.dense, block.output.dense
+
+    def mlp_module(self, block):
+        return SplitMlp(block.intermediate, block.output.dense)
+
+    def hidden_site(self, block):
+        return block.intermediate
+
+    def set_mlp(self, block, module):
+        if not isinstance(module, SplitMlp):
+            raise TypeError(f"expected a SplitMlp for this layer's MLP, got {type(module).__name__}")
+        block.intermediate, block.output.dense = module.intermediate, module.dense
+
+    def build_mlp(self, block, kept, w_out, b_out):
+        inter = block.intermediate
+        new = copy.copy(inter)
+        new._modules = dict(inter._modules)
+        fc1 = inter.dense
+        new.dense = _linear(fc1.weight.detach()[kept], fc1.bias.detach()[kept] if fc1.bias is not None else None, fc1)
+        return SplitMlp(new, _linear(w_out, b_out, block.output.dense))
+
+    def reshape_mlp(self, block, hidden):
+        fc1, fc2 = block.intermediate.dense, block.output.dense
+        block.intermediate.dense = _empty_linear(fc1.in_features, hidden, fc1)
+        block.output.dense = _empty_linear(hidden, fc2.out_features, fc2)
+
+
+class HFBert(_SplitMlpFamily):
+    """``BertModel`` and BERT task models (``BertFor*``): post-norm text encoders, padded batches."""
+
+    name = "hf_bert"
+    model_classes = ("BertModel", "BertForSequenceClassification", "BertForTokenClassification",
+                     "BertForMaskedLM", "BertForQuestionAnswering", "BertForMultipleChoice", "BertForPreTraining")
+    attention_classes = ("BertSelfAttention", "BertSdpaSelfAttention")
+    attention_path = ("attention", "self")
+    part_path = ("attention",)
+    style = "bert"
+    text = True
+
+    def encoder(self, model):
+        return model.base_model
+
+    def attention_input(self, block, x):
+        return x  # post-norm: the attention reads the block input itself
+
+    def check_supported(self, model):
+        cfg = model.config
+        if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
+            raise unsupported("config", model, "decoder / cross-attention BERT models are not supported")
+        if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
+            raise unsupported("config", model, f"position_embedding_type={cfg.position_embedding_type!r}: "
+                              "only absolute position embeddings are supported (relative ones read q/k at full width)")
+        super().check_supported(model)
+
+    def tokens(self, model):
+        return int(model.config.max_position_embeddings)
+
+    def check_inputs(self, model, batch):
+        from ..calibration import is_token_batch
+
+        if not is_token_batch(batch):
+            raise TypeError(f"{type(model).__name__} is a text encoder: calibrate with tokenised batches (a dict "
+                            f"with input_ids and attention_mask, e.g. a tokenizer's output), got {type(batch).__name__}")
+        cfg = model.config
+        ids = batch["input_ids"]
+        if ids.shape[1] > cfg.max_position_embeddings:
+            raise ValueError(f"calibration sequences have {ids.shape[1]} tokens, the model takes at most "
+                             f"{cfg.max_position_embeddings}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
+            raise ValueError(f"calibration input_ids must be in [0, {cfg.vocab_size}), got [{int(ids.min())}, "
+                             f"{int(ids.max())}]")
+
+    def prepare_batch(self, batch, device, dtype):
+        return {k: v.to(device=device) for k, v in batch.items()}
+
+    def token_mask(self, model, batch):
+        mask = batch.get("attention_mask")
+        return mask.to(torch.bool) if mask is not None else None
+
+    def embed(self, model, batch):
+        return self.encoder(model).embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"),
+                                              position_ids=batch.get("position_ids"))
+
+    def run_block(self, block, x, mask=None):
+        return _first(block(x, attention_mask=_additive_mask(mask, x.dtype)))
+
+    def halves(self, block, mask=None):
+        # BertLayer.forward's own two steps: attention (+ residual, LayerNorm), then the feed-forward chunk
+        from transformers.pytorch_utils import apply_chunking_to_forward
+
+        def first(x):
+            return _first(block.attention(x, attention_mask=_additive_mask(mask, x.dtype)))
+
+        def second(y):
+            return apply_chunking_to_forward(block.feed_forward_chunk, block.chunk_size_feed_forward,
+                                             block.seq_len_dim, y)
+
+        return first, second
+
+
+class HFViT(_SplitMlpFamily):
+    """``ViTModel`` / ``ViTForImageClassification``: pre-norm ViT layers."""
+
+    name = "hf_vit"
+    model_classes = ("ViTModel", "ViTForImageClassification")
+    attention_classes = ("ViTSelfAttention", "ViTSdpaSelfAttention")
+    attention_path = ("attention", "attention")
+    part_path = ("attention",)
+
+    def encoder(self, model):
+        return model if type(model).__name__ == "ViTModel" else model.vit
+
+    def attention_input(self, block, x):
+        return block.layernorm_before(x)
+
+    def embed(self, model, batch):
+        return self.encoder(model).embeddings(batch)
+
+    def run_block(self, block, x, mask=None):
+        if mask is not None:
+            raise ValueError("ViT layers take no token mask")
+        return _first(block(x))
+
+    def halves(self, block, mask=None):
+        # ViTLayer.forward, split at its first residual
+        def first(x):
+            return _first(block.attention(block.layernorm_before(x))) + x
+
+        def second(y):
+            return block.output(block.intermediate(block.layernorm_after(y)), y)
+
+        return first, second
+
+
+class HFDinov2(_HFEncoder):
+    """``Dinov2Model`` / ``Dinov2ForImageClassification``: pre-norm layers with LayerScale; SwiGLU refused."""
+
+    name = "hf_dinov2"
+    model_classes = ("Dinov2Model", "Dinov2ForImageClassification")
+    attention_classes = ("Dinov2SelfAttention", "Dinov2SdpaSelfAttention")
+    attention_path = ("attention", "attention")
+    part_path = ("attention",)
+
+    def encoder(self, model):
+        return model if type(model).__name__ == "Dinov2Model" else model.dinov2
+
+    def check_supported(self, model):
+        if getattr(model.config, "use_swiglu_ffn", False):
+            raise unsupported("config.use_swiglu_ffn", model, "DINOv2's SwiGLU MLP (the giant) is not supported yet: "
+                              "gated MLPs need their own channel statistics (a gated-MLP interface is in progress)")
+        super().check_supported(model)
+
+    def check_layer(self, path, block):
+        if type(block.mlp).__name__ != "Dinov2MLP":
+            raise unsupported(f"{path}.mlp", block.mlp, "only Dinov2MLP (fc1 → act → fc2) is supported")
+
+    def attention_input(self, block, x):
+        return block.norm1(x)
+
+    def mlp_linears(self, block):
+        return block.mlp.fc1, block.mlp.fc2
+
+    def hidden_site(self, block):
+        return block.mlp.activation
+
+    def embed(self, model, batch):
+        return self.encoder(model).embeddings(batch)
+
+    def run_block(self, block, x, mask=None):
+        if mask is not None:
+            raise ValueError("DINOv2 layers take no token mask")
+        return _first(block(x))
+
+    def halves(self, block, mask=None):
+        # Dinov2Layer.forward, split at its first residual
+        def first(x):
+            return block.drop_path(block.layer_scale1(_first(block.attention(block.norm1(x))))) + x
+
+        def second(y):
+            return block.drop_path(block.layer_scale2(block.mlp(block.norm2(y)))) + y
+
+        return first, second
+
+
+class _ClipLike(_HFEncoder):
+    """CLIP/SigLIP vision towers: ``vision_model.encoder.layers`` of pre-norm layers whose
+    ``self_attn`` holds q/k/v and the output projection, and ``mlp`` (fc1 → act → fc2)."""
+
+    attention_path = ("self_attn",)
+    part_path = ("self_attn",)
+    projection_names = ("q_proj", "k_proj", "v_proj", "out_proj")
+    style = "clip"
+
+    def encoder(self, model):
+        return model.vision_model
+
+    def blocks(self, model):
+        return model.vision_model.encoder.layers
+
+    def attention_input(self, block, x):
+        return block.layer_norm1(x)
+
+    def out_projection(self, part):
+        return part.out_proj
+
+    def mlp_linears(self, block):
+        return block.mlp.fc1, block.mlp.fc2
+
+    def hidden_site(self, block):
+        return block.mlp.activation_fn
+
+    def halves(self, block, mask=None):
+        # the encoder layer's forward, split at its first residual (vision: no attention mask)
+        def first(x):
+            return x + _first(block.self_attn(hidden_states=block.layer_norm1(x), attention_mask=None))
+
+        def second(y):
+            return y + block.mlp(block.layer_norm2(y))
+
+        return first, second
+
+
+class HFClipVision(_ClipLike):
+    """``CLIPVisionModel``: a pre-LayerNorm after the embeddings, then CLIP encoder layers."""
+
+    name = "hf_clip_vision"
+    model_classes = ("CLIPVisionModel",)
+    attention_classes = ("CLIPAttention", "CLIPSdpaAttention")
+
+    def embed(self, model, batch):
+        vm = model.vision_model
+        return vm.pre_layrnorm(vm.embeddings(batch))
+
+    def run_block(self, block, x, mask=None):
+        if mask is not None:
+            raise ValueError("CLIP vision layers take no token mask")
+        return _first(block(x, None, None))
+
+
+class HFSiglipVision(_ClipLike):
+    """``SiglipVisionModel``: SigLIP encoder layers (no class token; the pooling head is not pruned)."""
+
+    name = "hf_siglip_vision"
+    model_classes = ("SiglipVisionModel",)
+    attention_classes = ("SiglipAttention", "SiglipSdpaAttention")
+
+    def tokens(self, model):
+        cfg = model.config
+        return (cfg.image_size // cfg.patch_size) ** 2
+
+    def embed(self, model, batch):
+        return model.vision_model.embeddings(batch)
+
+    def run_block(self, block, x, mask=None):
+        if mask is not None:
+            raise ValueError("SigLIP vision layers take no token mask")
+        return _first(block(x, None))
+
+    def count_flops(self, model):
+        flops = super().count_flops(model)
+        # no class token: the patch embedding sees every token (the base counts tokens - 1 patches)
+        pe = model.vision_model.embeddings.patch_embedding
+        return flops + 2 * pe.in_channels * pe.kernel_size[0] * pe.kernel_size[1] * pe.out_channels
+
+
+HF_ADAPTERS: tuple[type[ModelAdapter], ...] = (HFBert, HFViT, HFDinov2, HFClipVision, HFSiglipVision)
