@@ -25,7 +25,14 @@ BACKEND_CHOICES = ("auto", "torch", "triton", "compiled")
 # the families of corp.models.ADAPTERS by name, for --help without torch (checked against ADAPTERS by the
 # tests); `corp models` reads ADAPTERS itself
 MODEL_FAMILIES = {
-    "timm_vit": "timm VisionTransformer models (deit_*, deit3_*, vit_*) with the standard Block/Attention/Mlp",
+    "timm_vit": "timm VisionTransformer models (deit_*, deit3_*, vit_*): Mlp or gated MLPs (SwiGLU, GluMlp), "
+                "q/k-norm attention (MLP pruning only)",
+    "timm_eva": "timm Eva models (eva02_*, vit_*_rope_*): MLPs; rotary q/k pruned in whole pairs",
+    "hf_bert": "Hugging Face BertModel / BertFor* text encoders (a local model directory; --calib a text file)",
+    "hf_vit": "Hugging Face ViTModel / ViTForImageClassification",
+    "hf_dinov2": "Hugging Face Dinov2Model / Dinov2ForImageClassification (no SwiGLU)",
+    "hf_clip_vision": "Hugging Face CLIPVisionModel",
+    "hf_siglip_vision": "Hugging Face SiglipVisionModel",
 }
 
 _FAMILIES_EPILOG = "supported model families (`corp models` for details):\n" + "".join(
@@ -90,7 +97,8 @@ def _per_method(option: str) -> str:
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="a timm model name (pretrained weights from the Hugging Face hub or its cache), "
-                        "or a directory written by corp (corp prune --out)")
+                        "a directory written by corp (corp prune --out), or a local Hugging Face model "
+                        "directory (config.json + weights, e.g. a BERT text encoder)")
     p.add_argument("--checkpoint", metavar="FILE",
                    help="local weights file (.pth/.safetensors) for a timm model name: no hub download")
 
@@ -111,10 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(p)
     p.add_argument("--lazy", action="store_true",
                    help="with a .safetensors --checkpoint: read each block's weights only when it is pruned")
-    p.add_argument("--calib", required=True, metavar="DIR",
-                   help="directory of calibration images (ImageFolder or flat; searched recursively, labels unused)")
+    p.add_argument("--calib", required=True, metavar="PATH",
+                   help="directory of calibration images (ImageFolder or flat; searched recursively, labels unused); "
+                        "for a Hugging Face text encoder a UTF-8 text file, one calibration sample per line")
     p.add_argument("--calib-size", type=_positive_int, default=None, metavar="N",
-                   help="use a random subset of N images (chosen by --seed); default: all images found")
+                   help="use a random subset of N images (chosen by --seed), or the first N lines of a text "
+                        "file; default: all")
+    p.add_argument("--max-length", type=_positive_int, default=128, metavar="T",
+                   help="text encoders: tokens per calibration sample (longer lines are truncated)")
     p.add_argument("--mlp-sparsity", type=_fraction, default=0.0, metavar="S",
                    help="fraction of each block's MLP hidden channels to remove, in [0, 1)")
     p.add_argument("--attn-sparsity", type=_fraction, default=0.0, metavar="S",
@@ -138,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logit-solve", choices=LOGIT_SOLVES, default=None,
                    help="sylvester: exact damped logit fit (eigen form); factored: two ridge regressions; "
                         + _per_method("logit_solve"))
+    p.add_argument("--attn-output-fit", action="store_true", default=None,
+                   help="after pruning q/k dims, refit each attention's output projection to the dense "
+                        "attention's output (one more attention pass per block); " + _per_method("attn_output_fit"))
     p.add_argument("--budget", type=_fraction, default=None, metavar="F",
                    help="instead of sparsities: remove this fraction of parameters (or FLOPs) with per-block "
                         "sparsities chosen by measured error")
@@ -204,13 +219,14 @@ def _warn(command: str, message: str) -> None:
 def _check_model(name: str, checkpoint: Optional[str], lazy: bool = False) -> bool:
     """Refuse a --model / --checkpoint / --lazy combination that cannot load, before loading anything
     (and before importing torch). Returns whether ``name`` is to be a timm model name."""
-    from .paths import is_corp_dir
+    from .paths import is_corp_dir, is_hf_dir
 
     if os.path.isdir(name):
-        if not is_corp_dir(name):
-            raise ValueError(f"--model {name} is a directory but not one written by corp (no corp config.json)")
+        if not (is_corp_dir(name) or is_hf_dir(name)):
+            raise ValueError(f"--model {name} is a directory but neither one written by corp nor a Hugging Face "
+                             "model directory (no config.json with a model_type)")
         if checkpoint is not None or lazy:
-            raise ValueError(f"--checkpoint/--lazy apply to a timm model name; --model {name} is a corp "
+            raise ValueError(f"--checkpoint/--lazy apply to a timm model name; --model {name} is a "
                              "directory that holds its own weights")
         return False
     if os.path.isfile(name):
@@ -305,7 +321,8 @@ def _prune_config(args: argparse.Namespace):
 
     config = PruneConfig.create(
         method=args.method, propagate=args.propagate, target=args.target, logit_fit=args.logit_fit,
-        selection=args.selection, logit_solve=args.logit_solve, mlp_sparsity=args.mlp_sparsity,
+        selection=args.selection, logit_solve=args.logit_solve, attn_output_fit=args.attn_output_fit,
+        mlp_sparsity=args.mlp_sparsity,
         attn_sparsity=args.attn_sparsity, compensate=not args.no_compensate, budget=args.budget,
         budget_metric=args.budget_metric, ridge=args.ridge, attn_ridge=args.attn_ridge,
         batch_size=args.batch_size, backend=args.backend, states=args.states,
@@ -342,12 +359,23 @@ def _measure_throughput(args, dense, pruned, loader, device, dtype) -> None:
 def cmd_prune(args: argparse.Namespace) -> int:
     import importlib.util
 
-    from .paths import check_output_dir, list_image_files
+    from .paths import HF_TEXT_MODEL_TYPES, check_output_dir, check_text_file, hf_model_type, is_hf_dir, list_image_files
 
     # everything that can be checked without the model, before loading it: files and folders
     # first (no torch needed, so these errors come at once), then names, options and the device
     timm_name = _check_model(args.model, args.checkpoint, args.lazy)
-    calib_files = list_image_files(args.calib)
+    text_model = is_hf_dir(args.model) and hf_model_type(args.model) in HF_TEXT_MODEL_TYPES
+    if text_model:
+        if not os.path.isfile(args.calib):
+            raise ValueError(f"--model {args.model} is a text encoder: --calib must be a text file with one "
+                             f"calibration sample per line, not {args.calib}")
+        check_text_file(args.calib)
+        calib_files = []
+    elif is_hf_dir(args.model):
+        raise ValueError(f"--model {args.model} is a Hugging Face vision model: the CLI does not yet turn image "
+                         "files into its pixel_values; prune it from Python with corp.prune(model, pixel_values)")
+    else:
+        calib_files = list_image_files(args.calib)
     check_output_dir(args.out)
     if args.checkpoint_dir is not None:
         _check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
@@ -368,7 +396,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     ops.resolve(config.backend, device)  # an unavailable --backend says so now
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
     device, rank, world = _init_distributed(device)
-    if rank == 0 and args.calib_size is not None and args.calib_size > len(calib_files):
+    if rank == 0 and not text_model and args.calib_size is not None and args.calib_size > len(calib_files):
         _warn("prune", f"--calib-size {args.calib_size} but {args.calib} has only {len(calib_files)} images: "
                        f"calibrating on all {len(calib_files)}")
 
@@ -377,8 +405,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         model, weights = corp.meta_model(args.model), args.checkpoint
     else:
         model = corp.load_model(args.model, checkpoint=args.checkpoint)
-    loader = calibration_loader(model, calib_files, args.calib_size, args.batch_size, args.workers, args.seed,
-                                shard=(rank, world))
+    if text_model:
+        loader = _text_batches(args, rank, world)
+    else:
+        loader = calibration_loader(model, calib_files, args.calib_size, args.batch_size, args.workers, args.seed,
+                                    shard=(rank, world))
     t = time.perf_counter()
     pruned = corp.prune(
         model,
@@ -392,6 +423,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         logit_fit=args.logit_fit,
         selection=args.selection,
         logit_solve=args.logit_solve,
+        attn_output_fit=args.attn_output_fit,
         budget=args.budget,
         budget_metric=args.budget_metric,
         ridge=args.ridge,
@@ -408,7 +440,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t
     if rank == 0:  # every rank holds the same pruned model; one writes it
         if args.throughput_runs > 0:
-            if args.lazy:
+            if text_model:
+                _warn("prune", "throughput not measured: the CLI measures images/s of vision models")
+            elif args.lazy:
                 _warn("prune", "throughput not measured: with --lazy the dense model was never in memory")
             else:
                 _measure_throughput(args, model, pruned, loader, device, dtype)
@@ -425,6 +459,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def _text_batches(args: argparse.Namespace, rank: int, world: int) -> list:
+    """The calibration text file as tokenised batches (the model directory's tokenizer), this rank's share."""
+    from transformers import AutoTokenizer
+
+    from .calibration import read_text_lines, tokenised_batches
+
+    lines = read_text_lines(args.calib, max_lines=args.calib_size)
+    if rank == 0 and args.calib_size is not None and args.calib_size > len(lines):
+        _warn("prune", f"--calib-size {args.calib_size} but {args.calib} has only {len(lines)} non-empty lines: "
+                       f"calibrating on all {len(lines)}")
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    return tokenised_batches(lines[rank::world], tokenizer, args.batch_size, args.max_length)
 
 
 def _check_classes(model, classes: list[str], data: str) -> None:

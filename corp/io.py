@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .models import adapter_for, adapter_named
-from .paths import CONFIG_NAME, FORMAT, WEIGHTS_NAME, apply_umask, check_output_dir, is_corp_dir
+from .paths import CONFIG_NAME, FORMAT, WEIGHTS_NAME, apply_umask, check_output_dir, is_corp_dir, is_hf_dir
 
 __all__ = ["apply_umask", "save_pretrained", "load_pretrained", "load_model", "load_hf_model", "is_corp_dir",
            "is_hf_dir", "check_output_dir", "HubUnreachableError",
@@ -70,18 +70,6 @@ def _fsync_write(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def is_hf_dir(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a Hugging Face model directory (a ``config.json`` with a ``model_type``)."""
-    cfg = Path(path) / CONFIG_NAME
-    if not cfg.is_file():
-        return False
-    try:
-        data = json.loads(cfg.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "model_type" in data and data.get("format") != FORMAT
 
 
 def load_hf_model(directory: str | os.PathLike) -> nn.Module:

