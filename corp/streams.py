@@ -376,8 +376,10 @@ class DenseStream(Stream):
                                                               f"the output of block {index}", self.dp))
 
     def advance(self, block, report=True):
-        pruned = ([self.run(block, j, x) for j, x in enumerate(self.report_inputs())]
-                  if report and self.report_batches else [])
+        pruned = []
+        if report and self.report_batches:
+            masks = self.report_masks() or [None] * self.report_batches
+            pruned = [self.adapter.run_block(block, x, m) for x, m in zip(self.report_inputs(), masks)]
         self._move_to(self.next)
         return pruned
 

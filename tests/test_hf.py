@@ -416,3 +416,24 @@ def test_attention_output_fit_on_hf_models():
             assert a.error_compensated < a.error_uncompensated
         assert not torch.equal(out_weight(fitted), out_weight(plain))
         assert torch.equal(out_weight(plain), dense_weight) and torch.equal(out_weight(model), dense_weight)
+
+
+@pytest.mark.parametrize("method", ["paper", "corp"])
+def test_report_on_fewer_images_than_a_padded_batch(method):
+    """report_images smaller than the batch: the report's rows and their token masks are sliced
+    together (the dense stream ran the report rows with the whole batch's mask before), and the
+    reported error is the one measured by hand on those rows' real tokens."""
+    model = tiny_bert(dtype=torch.float64)
+    batch = padded(sentences(20))
+    pruned = corp.prune(model, batch, mlp_sparsity=0.5, attn_sparsity=0.5, method=method, report_images=6,
+                        batch_size=20)
+    assert all(b.error_compensated is not None for b in pruned.corp_report.blocks)
+    rows = {k: v[:6] for k, v in batch.items()}
+    with torch.no_grad():
+        h = model.embeddings(input_ids=rows["input_ids"], token_type_ids=rows["token_type_ids"])
+        ext = model.get_extended_attention_mask(rows["attention_mask"], rows["input_ids"].shape)
+        dense_out = model.encoder.layer[0](h, attention_mask=ext)[0]
+        pruned_out = pruned.encoder.layer[0](h, attention_mask=ext)[0]
+    real = rows["attention_mask"].bool()
+    ref = float((pruned_out - dense_out)[real].norm() / dense_out[real].norm())
+    assert pruned.corp_report.blocks[0].error_compensated == pytest.approx(ref, rel=1e-6)
