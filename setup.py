@@ -205,10 +205,11 @@ setup(
     extras_require={
         "demo": ["scikit-learn>=1.3"],
         "plot": ["matplotlib>=3.7"],
-        # Hugging Face encoders (corp.models.hf); tested with transformers 4.57.1
-        "hf": ["transformers>=4.50"],
+        # Hugging Face encoders (corp.models.hf); tested with transformers 4.57.1. transformers 5 renamed
+        # the models' module layout (ViTModel has no .encoder there): refused until an adapter covers it
+        "hf": ["transformers>=4.50,<5"],
         "dev": ["scikit-learn>=1.3", "pytest>=8", "pytest-benchmark>=4", "pybind11>=2.12", "ninja", "matplotlib>=3.7",
-                "transformers>=4.50"],
+                "transformers>=4.50,<5"],
     },
     entry_points={"console_scripts": ["corp=corp.cli:main"]},
     ext_modules=ext_modules,

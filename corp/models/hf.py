@@ -284,6 +284,12 @@ class _HFEncoder(ModelAdapter):
         return attn.qk_dim if isinstance(attn, PrunedHFAttention) else self._heads(attn)[1]
 
     def check_supported(self, model: nn.Module) -> None:
+        import transformers
+
+        major = int(transformers.__version__.split(".")[0])
+        if major >= 5:  # its models' module layout differs (e.g. ViTModel has no .encoder): never guess
+            raise TypeError(f"corp's Hugging Face adapters support transformers 4.x (tested with 4.57.1); "
+                            f"{transformers.__version__} is installed: pip install 'transformers>=4.50,<5'")
         blocks = self.blocks(model)
         if len(blocks) == 0:
             raise ValueError("the model has no transformer layers to prune")
