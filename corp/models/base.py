@@ -16,8 +16,27 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["ModelAdapter", "AttentionPart", "MlpPart", "AttentionWeights", "MlpWeights", "ConcatenatedOutputs",
+__all__ = ["new_linear", "empty_linear", "ModelAdapter", "AttentionPart", "MlpPart", "AttentionWeights", "MlpWeights", "ConcatenatedOutputs",
            "unsupported"]
+
+
+def new_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], like: nn.Linear) -> nn.Linear:
+    """A new ``nn.Linear`` holding ``weight`` ``(out, in)`` and ``bias``, on ``like``'s device and dtype."""
+    out_f, in_f = weight.shape
+    ref = like.weight
+    layer = nn.Linear(in_f, out_f, bias=bias is not None, device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    layer.train(like.training)
+    return layer
+
+
+def empty_linear(in_f: int, out_f: int, like: nn.Linear) -> nn.Linear:
+    """An uninitialised ``nn.Linear`` ``in_f → out_f`` with ``like``'s bias presence, device and dtype."""
+    ref = like.weight
+    return nn.Linear(in_f, out_f, bias=like.bias is not None, device=ref.device, dtype=ref.dtype)
 
 
 def unsupported(path: str, module: nn.Module, why: str) -> ValueError:

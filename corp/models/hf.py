@@ -33,6 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import AttentionPart, AttentionWeights, ConcatenatedOutputs, MlpPart, MlpWeights, ModelAdapter, unsupported
+from .base import empty_linear as _empty_linear
+from .base import new_linear as _linear
 
 __all__ = ["PrunedHFAttention", "SplitMlp", "HFBert", "HFViT", "HFDinov2", "HFClipVision", "HFSiglipVision",
            "HF_ADAPTERS"]
@@ -54,21 +56,6 @@ def _additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
-def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor], like: nn.Linear) -> nn.Linear:
-    out_f, in_f = weight.shape
-    ref = like.weight
-    layer = nn.Linear(in_f, out_f, bias=bias is not None, device=ref.device, dtype=ref.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    layer.train(like.training)
-    return layer
-
-
-def _empty_linear(in_f: int, out_f: int, like: nn.Linear) -> nn.Linear:
-    ref = like.weight
-    return nn.Linear(in_f, out_f, bias=like.bias is not None, device=ref.device, dtype=ref.dtype)
 
 
 # --------------------------------------------------------------------------- pruned modules

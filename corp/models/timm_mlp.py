@@ -29,6 +29,8 @@ from timm.layers import GluMlp, Mlp, SwiGLU
 from timm.layers.activations import GELUTanh, QuickGELU
 
 from .base import MlpPart, MlpWeights, unsupported
+from .base import empty_linear as _empty_linear
+from .base import new_linear as _linear
 
 __all__ = ["MlpKind", "PlainMlp", "SplitGlu", "PackedGlu", "MLP_KINDS", "mlp_kind", "mlp_kind_named",
            "activation_name", "ACTIVATIONS"]
@@ -60,22 +62,6 @@ def _f64(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.detach().to(torch.float64) if t is not None else None
 
 
-def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor], like: nn.Linear) -> nn.Linear:
-    """A new ``nn.Linear`` holding ``weight`` ``(out, in)`` and ``bias``, on ``like``'s device and dtype."""
-    out_f, in_f = weight.shape
-    ref = like.weight
-    layer = nn.Linear(in_f, out_f, bias=bias is not None, device=ref.device, dtype=ref.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    layer.train(like.training)
-    return layer
-
-
-def _empty_linear(in_f: int, out_f: int, like: nn.Linear) -> nn.Linear:
-    ref = like.weight
-    return nn.Linear(in_f, out_f, bias=like.bias is not None, device=ref.device, dtype=ref.dtype)
 
 
 def _shallow(mlp: nn.Module) -> nn.Module:
