@@ -226,8 +226,9 @@ def _check_model(name: str, checkpoint: Optional[str], lazy: bool = False) -> bo
             raise ValueError(f"--model {name} is a directory but neither one written by corp nor a Hugging Face "
                              "model directory (no config.json with a model_type)")
         if checkpoint is not None or lazy:
-            raise ValueError(f"--checkpoint/--lazy apply to a timm model name; --model {name} is a "
-                             "directory that holds its own weights")
+            kind = "corp directory" if is_corp_dir(name) else "Hugging Face model directory"
+            raise ValueError(f"--checkpoint/--lazy apply to a timm model name; --model {name} is a {kind} "
+                             "that holds its own weights")
         return False
     if os.path.isfile(name):
         raise ValueError(f"--model {name} is a file: pass the timm model name as --model and the file as "
