@@ -8,7 +8,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["PrunedAttention", "PrunedRotaryAttention"]
+__all__ = ["load_fused_qkv_", "PrunedAttention", "PrunedRotaryAttention"]
+
+
+@torch.no_grad()
+def load_fused_qkv_(module: nn.Module, weights, qk_dim: int) -> None:
+    """Copy q/k/v weights (:class:`corp.models.base.AttentionWeights`: ``(H, qk_dim, in)``,
+    ``(H, qk_dim, in)``, ``(H, head_dim, in)``, biases ``(H, ·)``) into ``module.qkv`` laid out
+    ``[q heads | k heads | v heads]`` (the layout of every pruned attention here)."""
+    h = weights.w_q.shape[0]
+    module.qkv.weight.copy_(torch.cat([weights.w_q.reshape(h * qk_dim, -1), weights.w_k.reshape(h * qk_dim, -1),
+                                       weights.w_v.reshape(-1, weights.w_v.shape[-1])]))
+    if module.qkv.bias is not None:
+        module.qkv.bias.copy_(torch.cat([weights.b_q.reshape(-1), weights.b_k.reshape(-1), weights.b_v.reshape(-1)]))
 
 
 class PrunedAttention(nn.Module):

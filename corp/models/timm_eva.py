@@ -33,7 +33,7 @@ from timm.layers.attention import AttentionRope
 from timm.layers.pos_embed_sincos import RotaryEmbeddingCat
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 
-from ..modules import PrunedRotaryAttention
+from ..modules import PrunedRotaryAttention, load_fused_qkv_
 from ..rotary import rotate_pairs
 from .base import AttentionPart, AttentionWeights, MlpPart, ModelAdapter, unsupported
 from .timm_mlp import PackedGlu, PlainMlp, SplitGlu, activation_name, mlp_kind, mlp_kind_named
@@ -311,13 +311,10 @@ def _pruned_like(attn: EvaAttention, qk_dim: int) -> PrunedRotaryAttention:
 
 
 def _build_rotary(attn: EvaAttention, weights: AttentionWeights, qk_dim: int) -> PrunedRotaryAttention:
-    h, d = attn.num_heads, attn.head_dim
+    h = attn.num_heads
     new = _pruned_like(attn, qk_dim)
     with torch.no_grad():
-        new.qkv.weight.copy_(torch.cat([weights.w_q.reshape(h * qk_dim, -1), weights.w_k.reshape(h * qk_dim, -1),
-                                        weights.w_v.reshape(h * d, -1)]))
-        if new.qkv.bias is not None:
-            new.qkv.bias.copy_(torch.cat([weights.b_q.reshape(-1), weights.b_k.reshape(-1), weights.b_v.reshape(-1)]))
+        load_fused_qkv_(new, weights, qk_dim)
         new.rope_dims.copy_(weights.qk_dims if weights.qk_dims is not None else torch.arange(qk_dim).repeat(h, 1))
         new.proj.load_state_dict(attn.proj.state_dict())
     new.train(attn.training)

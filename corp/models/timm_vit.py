@@ -26,7 +26,7 @@ from timm.layers import Attention, LayerNorm, LayerScale, PatchEmbed, RmsNorm
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ..modules import PrunedAttention
+from ..modules import PrunedAttention, load_fused_qkv_
 from .base import AttentionPart, AttentionWeights, MlpPart, ModelAdapter, unsupported
 from .timm_mlp import ACTIVATIONS, mlp_kind, mlp_kind_named
 
@@ -269,13 +269,9 @@ def _attention_weights(attn: Attention) -> AttentionWeights:
 
 
 def _build_attention(attn: Attention, weights: AttentionWeights, qk_dim: int) -> PrunedAttention:
-    h, d = attn.num_heads, attn.head_dim
     new = pruned_attention_like(attn, qk_dim)
     with torch.no_grad():
-        new.qkv.weight.copy_(torch.cat([weights.w_q.reshape(h * qk_dim, -1), weights.w_k.reshape(h * qk_dim, -1),
-                                        weights.w_v.reshape(h * d, -1)]))
-        if attn.qkv.bias is not None:
-            new.qkv.bias.copy_(torch.cat([weights.b_q.reshape(-1), weights.b_k.reshape(-1), weights.b_v.reshape(-1)]))
+        load_fused_qkv_(new, weights, qk_dim)
         new.proj.load_state_dict(attn.proj.state_dict())
     new.train(attn.training)
     return new
