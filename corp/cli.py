@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "compensation cannot recover), residual_factored; " + _per_method("selection"))
     p.add_argument("--logit-solve", choices=LOGIT_SOLVES, default=None,
                    help="sylvester: exact damped logit fit (eigen form); factored: two ridge regressions; "
+                        "lowrank: no dim selection, the best rank-s q/k form per head (truncated SVD); "
                         + _per_method("logit_solve"))
     p.add_argument("--attn-output-fit", action="store_true", default=None,
                    help="after pruning q/k dims, refit each attention's output projection to the dense "

@@ -47,9 +47,11 @@ LOGIT_FITS = ("pooled", "centred", "per_image")
 # "residual": q/k by the exact damped Sylvester residual (eigensolves); "residual_factored": q/k by
 # the factorised residual of the unregularised fit (no eigensolve, corp.select).
 SELECTIONS = ("energy", "residual", "residual_factored")
-# how the pooled / centred logit fit is solved: the exact damped Sylvester equation (eigen form)
-# or two damped ridge regressions, q and k sides (batched Cholesky, corp.fit.FactoredLogitFit)
-LOGIT_SOLVES = ("sylvester", "factored")
+# how the pooled / centred logit fit is solved: the exact damped Sylvester equation (eigen form),
+# two damped ridge regressions, q and k sides (batched Cholesky, corp.fit.FactoredLogitFit), or
+# "lowrank": no dim selection, the best rank-s logit form per head (truncated SVD,
+# corp.fit.LowRankLogitFit; q/k selection then only picks the report's uncompensated twin)
+LOGIT_SOLVES = ("sylvester", "factored", "lowrank")
 BUDGET_METRICS = ("params", "flops")
 STATE_LOCATIONS = ("auto", "device", "cpu", "disk")
 
@@ -166,8 +168,8 @@ class PruneConfig:
         _choice("logit_solve", self.logit_solve, LOGIT_SOLVES)
         if not isinstance(self.attn_output_fit, bool):
             raise TypeError(f"attn_output_fit must be True or False, got {self.attn_output_fit!r}")
-        if self.logit_solve == "factored" and (self.logit_fit == "per_image" or self.target == "dense"):
-            raise ValueError("logit_solve='factored' applies to the pooled and centred logit fits "
+        if self.logit_solve != "sylvester" and (self.logit_fit == "per_image" or self.target == "dense"):
+            raise ValueError(f"logit_solve={self.logit_solve!r} applies to the pooled and centred logit fits "
                              "(not logit_fit='per_image' or target='dense')")
         _choice("backend", self.backend, BACKENDS)
         _choice("states", self.states, STATE_LOCATIONS)

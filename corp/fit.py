@@ -30,6 +30,14 @@ Logit fits (result ``M`` ``(H, s, s)``, folded as ``A = I + M`` into W_K):
   the pruned stream fitted to the dense ``qᵀk``:
   ``GQ̂_SS M GK̂_SS + λM = XQ[S, :] XK[:, S] − GQ̂_SS GK̂_SS`` with ``XQ = Σ q̂ qᵀ``,
   ``XK = Σ k k̂ᵀ``; with identical streams the right side is ``GQ_SP GK_PS``.
+* :class:`LowRankLogitFit` (``logit_solve="lowrank"``): no dims are selected; each
+  head's q/k become ``q' = A q``, ``k' = C k`` with ``A, C`` ``(s, d)`` chosen so that
+  ``AᵀC`` is the best rank-``s`` bilinear form on the same pooled (or centred)
+  objective, ``min tr((I − N)ᵀ GQ (I − N) GK)`` over rank-``s`` ``N``: with
+  ``GQ = L_q L_qᵀ``, ``GK = L_k L_kᵀ`` it is ``‖L_qᵀ(I − N)L_k‖²_F``, minimised by the
+  truncated SVD of ``L_qᵀ L_k`` (Eckart–Young). A selected set with its
+  compensation ``q_Sᵀ(I + M)k_S`` is one rank-``s`` ``N`` among these, so this fit's
+  calibration residual is never larger than any selection's.
 
 Damping, the one rule (:func:`damping`): λ = ``ridge`` × a scale of the system,
 ``mean(diag Σ_SS)`` for the MLP (:func:`mlp_scale`) and
@@ -46,6 +54,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from .ops import REFERENCE, Kernels
+from .reference import cholesky_with_retries
 from .stats import AttentionOutputStatistics, AttentionStatistics, MLPStatistics, qk_heads
 
 __all__ = [
@@ -58,6 +67,8 @@ __all__ = [
     "PerImageLogitFit",
     "ErrorCorrectingLogitFit",
     "FactoredLogitFit",
+    "LowRankLogitFit",
+    "QKProjection",
     "PerImageLogitSystem",
     "FitContext",
     "damping",
@@ -302,6 +313,45 @@ class FactoredLogitFit:
         heads = kept.shape[0]
         b_q_t, b_k_t = sol.solution[:heads], sol.solution[heads:]  # (H, s, p): B_qᵀ, B_kᵀ
         return b_q_t @ b_k_t.transpose(1, 2), sol.damping[:heads] * sol.damping[heads:]
+
+
+@dataclass
+class QKProjection:
+    """Each head's new queries and keys as linear maps of its dense ones: ``q' = a q``, ``k' = c k``;
+    ``a``, ``c`` ``(H, s, d)`` fp64 (the logit ``q'ᵀk' = qᵀ aᵀc k``)."""
+
+    a: torch.Tensor
+    c: torch.Tensor
+
+
+class LowRankLogitFit:
+    """``logit_solve="lowrank"``: the best rank-``s`` logit form of each head (module docstring),
+    no dim selection. Both Grams are shifted by ``ridge · mean(diag G)`` (each side) before
+    their Cholesky factors are taken, which keeps ``L⁻¹`` defined on rank-deficient statistics
+    and shrinks the fit towards the dense form in directions the calibration never excited.
+
+    :meth:`fit` returns a :class:`QKProjection` (the selection's ``kept`` only sets ``s``) and
+    the damping ``α_q·α_k`` per head; :func:`corp.fold.fold_attention` writes it into the q/k projection."""
+
+    def __init__(self, ridge: float):
+        self.ridge = ridge
+
+    def fit(self, stats: AttentionStatistics, kept: torch.Tensor, pruned: torch.Tensor,
+            ctx: FitContext) -> tuple[QKProjection, torch.Tensor]:
+        heads, s = kept.shape
+        grams = torch.cat([stats.gram_q, stats.key_gram()]).to(torch.float64)  # (2H, d, d)
+        grams = 0.5 * (grams + grams.transpose(1, 2))
+        lam = damping(self.ridge, torch.diagonal(grams, dim1=1, dim2=2).mean(1))
+        factor, used, ok = cholesky_with_retries(grams, lam)
+        if not bool(ok.all()):
+            raise FloatingPointError("query/key Grams could not be factored even with increased damping")
+        l_q, l_k = factor[:heads], factor[heads:]
+        u, sv, vh = torch.linalg.svd(l_q.transpose(1, 2) @ l_k)  # (H, d, d) each
+        root = sv[:, :s].sqrt()[:, None, :]  # split σ evenly between the two sides (conditioning)
+        # aᵀ = L_q⁻ᵀ U_s Σ_s^½, cᵀ = L_k⁻ᵀ V_s Σ_s^½: aᵀc = L_q⁻ᵀ (U_s Σ_s V_sᵀ) L_k⁻¹
+        a_t = torch.linalg.solve_triangular(l_q.transpose(1, 2), u[:, :, :s] * root, upper=True)
+        c_t = torch.linalg.solve_triangular(l_k.transpose(1, 2), vh[:, :s, :].transpose(1, 2) * root, upper=True)
+        return QKProjection(a_t.transpose(1, 2), c_t.transpose(1, 2)), used[:heads] * used[heads:]
 
 
 class ErrorCorrectingLogitFit:

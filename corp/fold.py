@@ -8,14 +8,14 @@ pruning with the same selection.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-from .fit import MlpFit
+from .fit import MlpFit, QKProjection
 from .models.base import AttentionWeights, MlpWeights
 
-__all__ = ["fold_mlp", "fold_attention"]
+__all__ = ["fold_mlp", "fold_attention", "fold_attention_projection"]
 
 
 def fold_mlp(weights: MlpWeights, kept: torch.Tensor, fit: Optional[MlpFit]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -40,8 +40,12 @@ def fold_mlp(weights: MlpWeights, kept: torch.Tensor, fit: Optional[MlpFit]) -> 
     return new_w, (shift if b2 is None else b2 + shift)
 
 
-def fold_attention(weights: AttentionWeights, kept: torch.Tensor, correction: Optional[torch.Tensor]) -> AttentionWeights:
+def fold_attention(weights: AttentionWeights, kept: torch.Tensor,
+                   correction: Optional[Union[torch.Tensor, QKProjection]]) -> AttentionWeights:
     """The q/k projection of an attention keeping dims ``kept`` ``(H, s)`` of each head.
+
+    A :class:`~corp.fit.QKProjection` correction (``logit_solve="lowrank"``) selects no dims:
+    it is written by :func:`fold_attention_projection` (``kept`` unused).
 
     With ``A = I + M`` (``correction`` = M ``(H, s, s)``): ``W_K' = A W_K[S]``,
     ``b_K' = A b_K[S]``, ``W_Q' = W_Q[S] · r``, ``b_Q' = b_Q[S] · r``, ``r = sqrt(|S| / d)``,
@@ -50,6 +54,8 @@ def fold_attention(weights: AttentionWeights, kept: torch.Tensor, correction: Op
 
     Returns the folded :class:`AttentionWeights` (q/k ``(H, s, in)``), fp64.
     """
+    if isinstance(correction, QKProjection):
+        return fold_attention_projection(weights, correction)
     d = weights.w_q.shape[1]
     keep = kept.shape[1]
     rows = kept[:, :, None].expand(-1, -1, weights.w_q.shape[-1])
@@ -64,3 +70,21 @@ def fold_attention(weights: AttentionWeights, kept: torch.Tensor, correction: Op
     r = math.sqrt(keep / d)
     w_q, b_q = w_q * r, (b_q * r if b_q is not None else None)
     return AttentionWeights(w_q, w_k, weights.w_v, b_q, b_k, weights.b_v, qk_dims=kept)
+
+
+def fold_attention_projection(weights: AttentionWeights, projection) -> AttentionWeights:
+    """The q/k projection of an attention whose queries and keys are mapped, per head, to
+    ``q' = a q``, ``k' = c k`` (:class:`corp.fit.QKProjection`, ``a``, ``c`` ``(H, s, d)``):
+    ``W_Q' = a W_Q · r``, ``b_Q' = a b_Q · r``, ``W_K' = c W_K``, ``b_K' = c b_K``,
+    ``r = sqrt(s / d)`` (the dense softmax temperature, as :func:`fold_attention`). Values unchanged.
+
+    Returns the folded :class:`AttentionWeights` (q/k ``(H, s, in)``), fp64, with no ``qk_dims``
+    (the new dims are combinations of the dense ones, not a subset).
+    """
+    a, c = projection.a.to(weights.w_q), projection.c.to(weights.w_k)
+    d, keep = weights.w_q.shape[1], a.shape[1]
+    r = math.sqrt(keep / d)
+    w_q, w_k = (a @ weights.w_q) * r, c @ weights.w_k
+    b_q = (a @ weights.b_q[:, :, None])[:, :, 0] * r if weights.b_q is not None else None
+    b_k = (c @ weights.b_k[:, :, None])[:, :, 0] if weights.b_k is not None else None
+    return AttentionWeights(w_q, w_k, weights.w_v, b_q, b_k, weights.b_v)

@@ -21,6 +21,7 @@ from .fit import (
     ErrorCorrectingLogitFit,
     FactoredLogitFit,
     FitContext,
+    LowRankLogitFit,
     MlpErrorCorrectingFit,
     MlpFit,
     MlpRidgeFit,
@@ -61,6 +62,7 @@ def _device(module: nn.Module) -> torch.device:
 _SELECTIONS = {"energy": EnergySelection, "residual": ResidualSelection,
                "residual_factored": FactoredResidualSelection}
 _LOGIT_FITS = {"pooled": SylvesterLogitFit, "centred": SylvesterLogitFit, "per_image": PerImageLogitFit}
+_LOGIT_SOLVES = {"factored": FactoredLogitFit, "lowrank": LowRankLogitFit}  # else the logit fit's own solve
 
 
 class AttentionPruner:
@@ -73,13 +75,16 @@ class AttentionPruner:
         self.correcting = config.error_correcting and config.compensate
         if self.correcting:
             fit_class = ErrorCorrectingLogitFit
-        elif config.logit_solve == "factored":
-            fit_class = FactoredLogitFit
+        elif config.logit_solve in _LOGIT_SOLVES:
+            fit_class = _LOGIT_SOLVES[config.logit_solve]
         else:
             fit_class = _LOGIT_FITS[config.logit_fit]
         self.fit = fit_class(config.attn_ridge) if config.compensate else None
         self.output_fit = AttentionOutputFit(config.ridge) if config.compensate and config.attn_output_fit else None
         self.rotary_fit = RotaryLogitFit(config.attn_ridge) if config.compensate else None
+        # a fit that selects no dims needs a selection only for the report's uncompensated twin: the
+        # cheapest one (the residual greedy would cost seconds per block for nothing)
+        self.qk_selection = EnergySelection() if isinstance(self.fit, LowRankLogitFit) else selection
 
     def statistics(self, adapter, block: nn.Module) -> AttentionStatistics:
         part = adapter.attention(block)
@@ -99,7 +104,7 @@ class AttentionPruner:
             kept, pruned = select_rotary_pairs(stats.score, keep // 2)
             fit = self.rotary_fit
         else:
-            kept, pruned = self.selection.select_qk(stats, keep)
+            kept, pruned = self.qk_selection.select_qk(stats, keep)
         dev = _device(part.module)
         kept, pruned = kept.to(dev), pruned.to(dev)
         tock = time.perf_counter()

@@ -103,7 +103,9 @@ def prune(
             ``"residual_factored"`` (q/k by the factorised residual: no eigensolve, on the device).
         logit_solve: how the pooled/centred logit fit is solved: ``"sylvester"`` (the exact damped
             equation, eigen form) or ``"factored"`` (two damped ridge regressions, q and k sides,
-            one batched Cholesky solve; :class:`corp.fit.FactoredLogitFit`).
+            one batched Cholesky solve; :class:`corp.fit.FactoredLogitFit`) or ``"lowrank"`` (no dim
+            selection: each head's q/k mapped to the best rank-s logit form by a truncated SVD,
+            :class:`corp.fit.LowRankLogitFit`).
         attn_output_fit: after pruning a block's q/k dims, refit its attention output projection
             so that the pruned attention reproduces the dense attention's output on the same
             inputs (:class:`corp.fit.AttentionOutputFit`; one more pass through the dense and the

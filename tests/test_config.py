@@ -36,6 +36,8 @@ def test_config_is_frozen_and_sparsities_normalised():
     (dict(logit_solve="svd"), "logit_solve must be one of"),
     (dict(logit_solve="factored", logit_fit="per_image"), "applies to the pooled and centred"),
     (dict(logit_solve="factored", target="dense"), "applies to the pooled and centred"),
+    (dict(logit_solve="lowrank", logit_fit="per_image"), "applies to the pooled and centred"),
+    (dict(logit_solve="lowrank", target="dense"), "applies to the pooled and centred"),
     (dict(budget=1.5), "budget must be a fraction"),
     (dict(budget=0.5, budget_metric="watts"), "budget_metric must be one of"),
     (dict(ridge=0.0), "ridge must be a positive finite"),

@@ -243,3 +243,93 @@ def test_factored_logit_fit_is_two_ridge_regressions_and_the_lstsq_fit_without_d
     m0, _ = FactoredLogitFit(1e-14).fit(Grams(gq, gk), kept, pruned, FitContext(REFERENCE))
     m_ls, _ = attention_compensation(gq, gk, kept, pruned, 1e-16)
     assert torch.allclose(m0, m_ls, rtol=1e-6, atol=1e-9)
+
+
+class _Grams:
+    """The two statistics a pooled/centred logit fit reads, from explicit Grams."""
+
+    def __init__(self, gq, gk):
+        self.gram_q, self._gk = gq, gk
+
+    def key_gram(self):
+        return self._gk
+
+
+def _random_qk(seed, h, n, d, rank=None):
+    """Correlated per-head q, k ``(H, n, d)`` fp64; ``rank`` < d makes both rank-deficient."""
+    g = torch.Generator().manual_seed(seed)
+    r = rank or d
+    q = torch.randn(h, n, r, generator=g, dtype=F64) @ torch.randn(h, r, d, generator=g, dtype=F64)
+    k = torch.randn(h, n, r, generator=g, dtype=F64) @ torch.randn(h, r, d, generator=g, dtype=F64) + 0.5 * q
+    return q, k
+
+
+def _pair_residual(q, k, n_form):
+    """Σ_{i,j} (q_iᵀ k_j − q_iᵀ N k_j)² over every token pair, per head ``(H,)`` (brute force)."""
+    dense = q @ k.mT  # (H, n, n)
+    approx = q @ n_form @ k.mT
+    return ((dense - approx) ** 2).sum((1, 2))
+
+
+def test_lowrank_logit_fit_is_the_best_rank_s_form_over_token_pairs():
+    """The fit's N = aᵀc has rank s and its pair residual (brute force over all token pairs) equals the
+    Eckart–Young optimum Σ_{i>s} σ_i² of GQ^½ GK^½ (symmetric square roots from eigh, not the fit's
+    Cholesky factors), is a stationary point (no random rank-s perturbation lowers it), and is no larger
+    than every selected set's compensated residual (exhaustive over the sets of a 5-dim head)."""
+    import itertools
+
+    from corp.fit import FitContext, LowRankLogitFit
+    from corp.ops import REFERENCE
+
+    h, n, d, s = 2, 60, 5, 2
+    q, k = _random_qk(3, h, n, d)
+    gq, gk = q.mT @ q, k.mT @ k
+    kept = torch.arange(s).repeat(h, 1)
+    proj, lam = LowRankLogitFit(1e-13).fit(_Grams(gq, gk), kept, torch.arange(s, d).repeat(h, 1), FitContext(REFERENCE))
+    assert proj.a.shape == (h, s, d) and proj.c.shape == (h, s, d) and lam.shape == (h,)
+    n_form = proj.a.mT @ proj.c
+    assert int(torch.linalg.matrix_rank(n_form[0])) == s
+    residual = _pair_residual(q, k, n_form)
+
+    def sym_sqrt(g):
+        w, v = torch.linalg.eigh(g)
+        return v @ torch.diag_embed(w.clamp_min(0).sqrt()) @ v.mT
+
+    sigma = torch.linalg.svdvals(sym_sqrt(gq) @ sym_sqrt(gk))
+    torch.testing.assert_close(residual, (sigma[:, s:] ** 2).sum(1), rtol=1e-7, atol=1e-9)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(20):  # rank-s perturbations of the factors: never better
+        a = proj.a + 1e-3 * torch.randn(proj.a.shape, generator=g, dtype=F64)
+        c = proj.c + 1e-3 * torch.randn(proj.c.shape, generator=g, dtype=F64)
+        assert bool((_pair_residual(q, k, a.mT @ c) >= residual * (1 - 1e-9)).all())
+    for hd in range(h):  # every selected set S with its least-squares M: never better
+        for subset in itertools.combinations(range(d), s):
+            s_idx = torch.tensor(subset)
+            p_idx = torch.tensor([j for j in range(d) if j not in subset])
+            m, _ = attention_compensation(gq[hd:hd + 1], gk[hd:hd + 1], s_idx[None], p_idx[None], 1e-14)
+            n_sel = torch.zeros(d, d, dtype=F64)
+            n_sel[s_idx[:, None], s_idx] = torch.eye(s, dtype=F64) + m[0]
+            sel = _pair_residual(q[hd:hd + 1], k[hd:hd + 1], n_sel[None])
+            assert float(sel) >= float(residual[hd]) * (1 - 1e-9), (subset, float(sel), float(residual[hd]))
+
+
+def test_lowrank_logit_fit_keeps_everything_at_full_rank_and_survives_rank_deficient_grams():
+    """s = d reproduces the dense logits (N = I); Grams of rank < s still factor (the damping keeps L⁻¹
+    defined) and give a finite rank-s form whose residual is that of the dense form's best rank-s one."""
+    from corp.fit import FitContext, LowRankLogitFit
+    from corp.ops import REFERENCE
+
+    h, n, d = 2, 40, 6
+    q, k = _random_qk(11, h, n, d)
+    gq, gk = q.mT @ q, k.mT @ k
+    full, _ = LowRankLogitFit(1e-12).fit(_Grams(gq, gk), torch.arange(d).repeat(h, 1), torch.zeros(h, 0, dtype=torch.long),
+                                         FitContext(REFERENCE))
+    torch.testing.assert_close(full.a.mT @ full.c, torch.eye(d, dtype=F64).expand(h, d, d), rtol=1e-6, atol=1e-6)
+    q, k = _random_qk(12, h, n, d, rank=2)
+    gq, gk = q.mT @ q, k.mT @ k
+    proj, _ = LowRankLogitFit(1e-6).fit(_Grams(gq, gk), torch.arange(3).repeat(h, 1), torch.arange(3, d).repeat(h, 1),
+                                        FitContext(REFERENCE))
+    n_form = proj.a.mT @ proj.c
+    assert bool(torch.isfinite(n_form).all())
+    dense_energy = _pair_residual(q, k, torch.zeros(h, d, d, dtype=F64))
+    assert bool((_pair_residual(q, k, n_form) <= 1e-6 * dense_energy).all())  # rank 2 ≤ s = 3: all recovered
