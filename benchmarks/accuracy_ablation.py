@@ -95,6 +95,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "corp-sylvester-fit": ("corp-sylvester-fit", dict(method="corp", logit_solve="sylvester")),
     # the attention output projection refitted to the dense attention's output (corp.fit.AttentionOutputFit)
     "corp+outfit": ("corp+outfit", dict(method="corp", attn_output_fit=True)),
+    "corp-factored-fit": ("corp-factored-fit", dict(method="corp", logit_solve="factored")),
+    "corp-lowrank": ("corp-lowrank", dict(method="corp", logit_solve="lowrank")),
+    "corp-lowrank+outfit": ("corp-lowrank+outfit", dict(method="corp", logit_solve="lowrank", attn_output_fit=True)),
     "paper+outfit": ("paper+outfit", dict(PAPER, attn_output_fit=True)),
 }
 
@@ -110,6 +113,8 @@ BUDGET_VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "budget-corp-sylvester-fit": ("corp, Sylvester fit + budget", dict(method="corp", logit_solve="sylvester"),
                                   False),
     "budget-corp+outfit": ("corp+outfit + budget", dict(method="corp", attn_output_fit=True), False),
+    "budget-corp-lowrank": ("corp-lowrank + budget", dict(method="corp", logit_solve="lowrank"), False),
+    "budget-corp-factored-fit": ("corp-factored-fit + budget", dict(method="corp", logit_solve="factored"), False),
 }
 
 QUICK_CALIB = 32
@@ -164,6 +169,13 @@ def _jsonable(obj: Any) -> Any:
         return repr(obj)
 
 
+@torch.no_grad()
+def agreement(pruned: torch.nn.Module, dense: torch.nn.Module, images: torch.Tensor) -> float:
+    """Percent of ``images`` whose top-1 class is the dense model's (a second, label-free metric: at
+    low sparsity a pruned model can beat the dense one on labels by luck; it cannot agree more than 100%)."""
+    return 100.0 * float((pruned(images).argmax(-1) == dense(images).argmax(-1)).double().mean())
+
+
 def run_one(model: torch.nn.Module, calib: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor],
             kwargs: dict[str, Any], batch_size: int) -> dict[str, Any]:
     """Prune once with ``kwargs``, time it, evaluate; an exception becomes ``{"error": ...}``."""
@@ -176,6 +188,7 @@ def run_one(model: torch.nn.Module, calib: torch.Tensor, test: tuple[torch.Tenso
         pruned = corp.prune(model, calib, **kwargs)
         row["prune_seconds"] = time.perf_counter() - t
         row["accuracy"] = accuracy(pruned, *test)
+        row["agreement"] = agreement(pruned, model, test[0])
     except Exception as exc:  # an option not implemented yet, a failed solve, ...: report and go on
         row["error"] = first_line(exc)
         return row
@@ -324,7 +337,8 @@ def main(argv: Optional[list[str]] = None, print_fn: Callable[[str], None] = pri
                               args.batch_size)
                 results[name][col] = row
                 print_fn(f"  [{key}] {labels[name]:<14} {col:>4}: "
-                         + (f"{row['accuracy']:6.2f}%  ({row['prune_seconds']:.1f}s)" if "error" not in row
+                         + (f"{row['accuracy']:6.2f}%  agrees with dense {row['agreement']:6.2f}%  "
+                            f"({row['prune_seconds']:.1f}s)" if "error" not in row
                             else f"n/a ({row['error']})"))
         entry["sparsity"] = results
         rows = [["dense"] + [f"{dense_acc:.2f}"] * len(cols)]

@@ -46,6 +46,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "corp ridge 1e-2": dict(method="corp", ridge=1e-2),
     "corp ridge 1e-4": dict(method="corp", ridge=1e-4),
     "corp sylvester fit": dict(method="corp", logit_solve="sylvester"),
+    "corp factored fit": dict(method="corp", logit_solve="factored"),
+    "corp lowrank": dict(method="corp", logit_solve="lowrank"),
+    "corp lowrank ridge 1e-2": dict(method="corp", logit_solve="lowrank", ridge=1e-2),
 }
 DEFAULT_VARIANTS = "uncompensated,paper,corp,corp+outfit"
 

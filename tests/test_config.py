@@ -78,7 +78,7 @@ def test_kernels_package_is_the_top_level_folder():
     assert corp.prune.__module__ == "corp.pipeline"
 
 
-def test_the_presets_factored_solve_gives_way_to_fits_it_does_not_apply_to():
-    assert PruneConfig.create().logit_solve == "factored"
+def test_the_presets_lowrank_solve_gives_way_to_fits_it_does_not_apply_to():
+    assert PruneConfig.create().logit_solve == "lowrank"
     assert PruneConfig.create(logit_fit="per_image").logit_solve == "sylvester"
     assert PruneConfig.create(target="dense").logit_solve == "sylvester"
