@@ -66,7 +66,7 @@ def test_attention_stats_rejects_wrong_width():
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
 @pytest.mark.parametrize("kind,split", [("2d-sliced", 1), ("3d-unmergeable", 3), ("3d-contiguous", 2)])
 def test_attention_stats_match_fp64(dtype, kind, split):
-    h, d = 3, 80  # d not a power of two: padded to 128 with masks
+    h, d = 3, 80  # d not a power of two: blocks of 64 and 16, no padding
     gen = torch.Generator().manual_seed(split)
     qkv = _qkv(kind, h, d, dtype, gen)
     start = [torch.randn(h, d, d, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2)]
@@ -78,6 +78,77 @@ def test_attention_stats_match_fp64(dtype, kind, split):
     ref = [s + r for s, r in zip(start, fp64_reference(qkv, h, d))]
     for name, o, b, r in zip(("gram_q", "gram_k", "score"), out, base, ref):
         assert_within_bound(o, b, r, what=f"{name} {kind} {dtype}")
+
+
+def test_head_dim_blocks_cover_d_without_padding_to_a_power_of_two():
+    from corp.kernels.attention_stats import head_dim_blocks
+
+    assert head_dim_blocks(80) == (64, 16)  # DeiT-III Huge: 80 = 64 + 16, nothing masked
+    assert head_dim_blocks(64) == (64, 0)
+    assert head_dim_blocks(96) == (64, 32)
+    assert head_dim_blocks(40) == (32, 16)
+    assert head_dim_blocks(24) == (16, 16)
+    assert head_dim_blocks(8) == (16, 0)
+    for d in range(1, 300):
+        d0, d1 = head_dim_blocks(d)
+        assert d0 + d1 >= d and d0 >= 16 and (d1 == 0 or d1 >= 16)
+        assert d0 & (d0 - 1) == 0 and d1 & (d1 - 1) == 0  # powers of two (tl.arange sizes)
+        if d >= 16:
+            assert d0 <= d  # the first block is never padded
+        assert d0 + d1 <= max(16, 1 << (d - 1).bit_length())  # never more than padding to a power of two
+    with pytest.raises(ValueError):
+        head_dim_blocks(0)
+
+
+@needs_triton
+@pytest.mark.parametrize("d", [80, 40, 24])
+@pytest.mark.parametrize("n,split", [(1, 1), (67, 1), (131, 4)])
+def test_attention_stats_head_dims_without_padding(d, n, split):
+    """Head dims 80 (64 + 16), 40 (32 + 16, 8 masked), 24 (16 + 16, 8 masked); odd token counts;
+    every block of the Gram, including the transposed (1, 0) block, against fp64."""
+    h = 2
+    gen = torch.Generator().manual_seed(d + n)
+    qkv = (torch.randn(n, 3 * h * d + 3, generator=gen) * 1.2 + 0.3)[:, 3:].to(DEVICE)  # strided rows
+    start = [torch.randn(h, d, d, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2)]
+    start.append(torch.randn(h, d, generator=gen, dtype=torch.float64).to(DEVICE))
+    out = [t.clone() for t in start]
+    _triton()(*out, qkv, h, d, split_k=split)
+    base = [t.clone() for t in start]
+    reference.attention_stats_update_(*base, qkv, h, d)
+    ref = [s + r for s, r in zip(start, fp64_reference(qkv, h, d))]
+    for name, o, b, r in zip(("gram_q", "gram_k", "score"), out, base, ref):
+        assert_within_bound(o, b, r, what=f"{name} d={d} n={n}")
+
+
+@needs_triton
+def test_attention_stats_split_is_bitwise_repeatable_and_reduced_in_order():
+    """split > 1: the splits' workspace slices are added in a fixed order. Two calls are
+    bit-identical, and equal ``start + ((p₀ + p₁) + p₂)`` with ``p_s`` the unsplit kernel's result
+    on split s's tokens."""
+    import math
+
+    h, d, n, split, block_k = 2, 40, 150, 3, 32
+    gen = torch.Generator().manual_seed(31)
+    qkv = (torch.randn(n, 3 * h * d, generator=gen) + 0.2).to(DEVICE)
+    start = [torch.randn(h, d, d, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2)]
+    start.append(torch.randn(h, d, generator=gen, dtype=torch.float64).to(DEVICE))
+    config = {"BLOCK_K": block_k}
+    runs = []
+    for _ in range(2):
+        out = [t.clone() for t in start]
+        _triton()(*out, qkv, h, d, split_k=split, config=config)
+        runs.append(out)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    per_split = math.ceil(math.ceil(n / split) / block_k) * block_k
+    totals = [torch.zeros_like(t) for t in start]
+    for s in range(split):
+        part = _zeros(h, d)
+        _triton()(*part, qkv[s * per_split:(s + 1) * per_split], h, d, split_k=1, config=config)
+        for tot, p in zip(totals, part):
+            tot += p
+    for got, s0, tot in zip(runs[0], start, totals):
+        assert torch.equal(got, s0 + tot)
 
 
 @needs_triton

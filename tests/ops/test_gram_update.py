@@ -176,10 +176,10 @@ def test_gram_dispatch_through_triton_backend():
 def test_gram_error_over_a_million_tokens():
     """fp32 inside the kernel, fp64 across chunks: ~1e-7 relative error over 10⁶ tokens.
 
-    16 chunks of 62 500 GELU-like tokens (D = 13); the kernel caps every fp32
-    run at MAX_TOKENS_PER_PROGRAM tokens, so each chunk is split in two. The
-    interpreter runs it with BLOCK_K = 256 to stay fast (the GPU test below uses
-    the tuned configuration). Also checks the covariance G/n − μμᵀ, where
+    16 chunks of 62 500 GELU-like tokens (D = 13); the kernel flushes its fp32
+    accumulators into fp64 every FLUSH_TOKENS (= MAX_TOKENS_PER_PROGRAM) tokens, so
+    each chunk is summed in two fp32 runs. The interpreter runs it with BLOCK_K = 256
+    to stay fast (the GPU test below uses the tuned configuration). Also checks the covariance G/n − μμᵀ, where
     cancellation against the mean would expose a low-precision accumulator.
     """
     from corp.kernels.gram import MAX_TOKENS_PER_PROGRAM
@@ -221,6 +221,97 @@ def test_gram_error_over_a_million_tokens():
 
 
 @needs_triton
+def test_gram_split_is_bitwise_repeatable_and_reduced_in_order():
+    """split > 1: every split sums its own token range into a workspace slice, and the slices are
+    added in a fixed order. Two calls give bit-identical accumulators, and the result is exactly
+    ``start + ((p₀ + p₁) + p₂)`` where ``p_s`` is the kernel's own unsplit result on split s's tokens."""
+    gen = torch.Generator().manual_seed(21)
+    d, n, split, block_k = 37, 203, 3, 32
+    x = (torch.randn(n, d, generator=gen) * 1.1 + 0.6).to(DEVICE)
+    gram0, colsum0 = _start(d, gen)
+    config = {"BLOCK": 32, "BLOCK_K": block_k, "PROGRAMS_PER_SM": 0}
+    if CUDA:
+        config.update(num_warps=4, num_stages=2)
+    runs = []
+    for _ in range(2):
+        g, c = gram0.clone(), colsum0.clone()
+        _triton()(g, c, x, split_k=split, config=config)
+        runs.append((g, c))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    per_split = math.ceil(math.ceil(n / split) / block_k) * block_k  # the kernel's token ranges
+    total_g, total_c = torch.zeros_like(gram0), torch.zeros_like(colsum0)
+    for s in range(split):
+        p_g, p_c = torch.zeros_like(gram0), torch.zeros_like(colsum0)
+        _triton()(p_g, p_c, x[s * per_split:(s + 1) * per_split], split_k=1, config=config)
+        total_g += torch.triu(p_g)
+        total_c += p_c
+    up = torch.ones(d, d, dtype=torch.bool, device=DEVICE).triu()
+    assert torch.equal(runs[0][0][up], (gram0 + total_g)[up])
+    assert torch.equal(runs[0][1], colsum0 + total_c)
+    assert torch.equal(runs[0][0][~up], gram0[~up])
+    x64 = x.double()
+    assert_within_bound(runs[0][0][up], gram0[up] + torch.triu(x.T @ x)[up], (gram0 + x64.T @ x64)[up], what="gram")
+
+
+@needs_triton
+def test_gram_persistent_grid_matches_fp64():
+    """PROGRAMS_PER_SM > 0: fewer programs than work items, each looping over several tiles and
+    splits (on the CPU one program runs them all), diagonal and off-diagonal tiles alike."""
+    gen = torch.Generator().manual_seed(22)
+    d, split = 70, 2
+    x = (torch.randn(150, d, generator=gen) + 0.4).to(torch.bfloat16).to(DEVICE)
+    gram0, colsum0 = _start(d, gen)
+    config = {"BLOCK": 32, "BLOCK_K": 32, "PROGRAMS_PER_SM": 1}
+    if CUDA:
+        config.update(num_warps=4, num_stages=2)
+    g, c = gram0.clone(), colsum0.clone()
+    _triton()(g, c, x, split_k=split, config=config)
+    x64 = x.double()
+    up = torch.ones(d, d, dtype=torch.bool, device=DEVICE).triu()
+    x32 = x.float()
+    assert_within_bound(g[up], (gram0 + x32.T @ x32)[up], (gram0 + x64.T @ x64)[up], what="gram")
+    assert_within_bound(c, colsum0 + x32.sum(0), colsum0 + x64.sum(0), what="colsum")
+    assert torch.equal(g[~up], gram0[~up])
+
+
+@needs_triton
+def test_gram_error_is_flat_in_the_token_count():
+    """The promoted/flushed accumulation: relative error vs fp64 does not grow from 2,048 to 32,768
+    tokens in one call (fp32 inputs in [1, 2): every product positive, so fp32 running sums lose
+    digits). Without promotion and flush (one fp32 accumulator for all tokens) the same data's error
+    grows and is several times larger: the test can tell the two apart. The flush period is cut to
+    2,048 tokens (from FLUSH_TOKENS) so that the interpreter covers 16 flushes in seconds."""
+    d = 16
+    gen = torch.Generator().manual_seed(0)
+    config = {"BLOCK": 16, "BLOCK_K": 128, "PROGRAMS_PER_SM": 0}  # 2 MMA steps per 256-token promotion
+    if CUDA:
+        config.update(num_warps=4, num_stages=2)
+    up = torch.ones(d, d, dtype=torch.bool, device=DEVICE).triu()
+
+    def rel_errors(x, **kw):
+        g = torch.zeros(d, d, dtype=torch.float64, device=DEVICE)
+        c = torch.zeros(d, dtype=torch.float64, device=DEVICE)
+        _triton()(g, c, x, config=config, **kw)
+        x64 = x.double()
+        ref_g, ref_c = x64.T @ x64, x64.sum(0)
+        return (((g - ref_g)[up].abs().max() / ref_g.abs().max()).item(),
+                ((c - ref_c).abs().max() / ref_c.abs().max()).item())
+
+    short = (torch.rand(2048, d, generator=gen) + 1.0).to(DEVICE)
+    long = (torch.rand(32768, d, generator=gen) + 1.0).to(DEVICE)
+    flat_short = rel_errors(short, flush_tokens=2048)
+    flat_long = rel_errors(long, flush_tokens=2048)
+    off_short = rel_errors(short, promote_tokens=32768, flush_tokens=32768)
+    off_long = rel_errors(long, promote_tokens=32768, flush_tokens=32768)
+    print(f"\nrel err (gram, colsum): promoted+flushed {flat_short} -> {flat_long}; one fp32 accumulator "
+          f"{off_short} -> {off_long}")
+    for k in range(2):
+        assert flat_long[k] <= 1.5 * flat_short[k] + 1e-8, (flat_short, flat_long)
+        assert off_long[k] > 1.5 * off_short[k], (off_short, off_long)  # the plain fp32 error does grow
+        assert off_long[k] > 3 * flat_long[k], (off_long, flat_long)
+
+
+@needs_triton
 def test_gram_rejects_bad_arguments():
     f = _triton()
     x = torch.randn(4, 8, device=DEVICE)
@@ -233,6 +324,10 @@ def test_gram_rejects_bad_arguments():
         f(g, c, x.double())
     with pytest.raises(ValueError):
         f(g, c, x, input_precision="fp8")
+    with pytest.raises(ValueError, match="promote_tokens"):
+        f(g, c, x, promote_tokens=100)
+    with pytest.raises(ValueError, match="split_k"):
+        f(g, c, x, split_k=-1)
     f(g, c, x[:0])  # no tokens: nothing to add
     assert not g.any() and not c.any()
 
