@@ -47,7 +47,7 @@ from .gram import (
 if triton is not None:
     import triton.language as tl
 
-    from .gram import _round_to_tf32, _token_offsets
+    from .gram import _round_to_tf32, _token_offsets, autotune_options
 
 __all__ = ["attention_stats_update_triton_", "choose_attention_split", "head_dim_blocks", "cuda_configs"]
 
@@ -233,6 +233,7 @@ if triton is not None:
     _attention_stats_kernel_tuned = triton.autotune(
         configs=_CONFIGS,
         key=["d", "HD", "IS_3D", "INPUT_PRECISION", "ADD_TO_OUT"],
+        **autotune_options(),  # the same tuned choice in later processes: see corp.kernels.gram
     )(_attention_stats_kernel)
 
 _tuned_keys: set = set()

@@ -43,9 +43,10 @@ Design:
 * Autotuning (CUDA only): the first call for a new key tunes on scratch
   accumulators, never on the caller's, so tuning cannot add a chunk twice.
   Determinism holds for one configuration: the summation order depends on
-  ``BLOCK``/``BLOCK_K``/warps, so a run that must be bit-identical to another
-  process's (a resumed prune) pins the configuration (``CORP_TRITON_AUTOTUNE=0``
-  or ``config=``).
+  ``BLOCK``/``BLOCK_K``/warps. The tuned choice is kept in Triton's cache
+  (``cache_results``, where the installed Triton has it), so later processes on
+  the same machine (a resumed prune) use the same one; across machines, pin it
+  (``CORP_TRITON_AUTOTUNE=0`` or ``config=``).
 """
 from __future__ import annotations
 
@@ -299,10 +300,19 @@ if triton is not None:
             return [c for c in configs if c in _CONFIGS_FP32]
         return [c for c in configs if c in _CONFIGS_16BIT]
 
+    def autotune_options() -> dict:
+        """``cache_results=True`` where this Triton has it: the tuned choice is stored in Triton's cache,
+        so another process on the same machine (a resumed prune) runs the same configuration, and
+        with it the same summation order (bit-identical statistics)."""
+        import inspect
+
+        return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
     _gram_kernel_tuned = triton.autotune(
         configs=_configs(),
         key=["D", "IS_3D", "INPUT_PRECISION", "ADD_TO_OUT"],
         prune_configs_by={"early_config_prune": _prune},
+        **autotune_options(),
     )(_gram_kernel)
 else:
     _INTERPRETED = False

@@ -310,3 +310,71 @@ def test_gpu_autotuning_does_not_corrupt_the_accumulators(monkeypatch):
     _triton()(*out, qkv, h, d)
     for name, o, r in zip(("gram_q", "gram_k", "score"), out, fp64_reference(qkv, h, d)):
         torch.testing.assert_close(o, 1 + r, rtol=1e-5, atol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+def _check_configs(h, d, dtype, configs, splits):
+    torch.manual_seed(h * d)
+    qkv = (torch.randn(9001, 3 * h * d, device="cuda") * 1.2 + 0.3).to(dtype)
+    base = _zeros(h, d)
+    reference.attention_stats_update_(*base, qkv, h, d)
+    ref = fp64_reference(qkv, h, d)
+    for config in configs:
+        for split in splits:
+            runs = []
+            for _ in range(2):
+                out = _zeros(h, d)
+                _triton()(*out, qkv, h, d, split_k=split, config=config)
+                runs.append(out)
+            what = f"H={h} d={d} {config} split={split}"
+            for a, b in zip(*runs):
+                assert torch.equal(a, b), what
+            for name, o, b, r in zip(("gram_q", "gram_k", "score"), runs[0], base, ref):
+                assert_within_bound(o, b, r, what=f"{name} {what}")
+
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("h,d,dtype", [(16, 80, torch.bfloat16), (12, 64, torch.bfloat16), (16, 80, torch.float32)],
+                         ids=["16x80-bf16", "12x64-bf16", "16x80-fp32"])
+def test_gpu_attention_stats_every_config_against_fp64(h, d, dtype):
+    """Every autotuned configuration at the target shapes, unsplit and split (3, and the automatic
+    choice), odd token count: within the 2× rule of fp64, two runs bit-identical."""
+    from corp.kernels.attention_stats import cuda_configs
+
+    _check_configs(h, d, dtype, cuda_configs(), (1, 3, None))
+
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("h,d", [(6, 40), (4, 24), (3, 8)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_attention_stats_other_head_dims(h, d, dtype):
+    """Head dims with a masked tail block (40 = 32 + 16 with 8 masked, 24 = 16 + 16) or smaller
+    than one block (8), the untuned configuration, unsplit and split."""
+    _check_configs(h, d, dtype, [None], (1, None))
+
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("h,d", [(16, 80), (12, 64)], ids=["deit3_huge", "deit_base"])
+def test_gpu_attention_stats_target_shapes_autotuned(h, d, monkeypatch):
+    """The target shapes at 262,144 bf16 tokens in one call, tuned: relative error vs fp64 ≤ 5e-6
+    and bit-identical repeats (the automatic split reduces in order)."""
+    monkeypatch.setenv("CORP_TRITON_AUTOTUNE", "1")
+    torch.manual_seed(0)
+    n = 262144
+    qkv = (torch.randn(n, 3 * h * d, device="cuda") * 1.2 + 0.3).to(torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        out = _zeros(h, d)
+        _triton()(*out, qkv, h, d)
+        runs.append(out)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    ref = [torch.zeros_like(t) for t in runs[0]]
+    for s in range(0, n, 65536):
+        for acc, r in zip(ref, fp64_reference(qkv[s:s + 65536], h, d)):
+            acc += r
+    for name, o, r in zip(("gram_q", "gram_k", "score"), runs[0], ref):
+        rel = ((o - r).abs().max() / r.abs().max()).item()
+        assert rel <= 5e-6, (name, rel)
