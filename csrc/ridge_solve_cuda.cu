@@ -50,6 +50,10 @@ constexpr int kPanel = 32;
 // fp64 the factor takes 129 KB and 64 columns 64 KB, within the 227 KB of an H100/H200 block.
 // Fewer when shared memory is shorter (the launcher computes it).
 constexpr int64_t kMaxChunk = 64;
+// Smallest chunk the blocked kernel narrows to when a small batch leaves the GPU idle: every block
+// refactors its matrix (n³/3 multiply-adds), which below ~16 columns (2n²·16 for the solves) would
+// be most of a block's work.
+constexpr int64_t kMinChunk = 16;
 // Warps (blocks) wanted in flight before the right-hand sides are split: ~one wave of 132 SMs with
 // 16 resident warps each (warp kernel) or 2 resident blocks each (blocked kernel).
 constexpr int64_t kTargetWarpsPerSm = 16;
@@ -409,11 +413,14 @@ CudaLaunchStatus launch_blocked(const T* matrix, const T* rhs, const T* damping,
   if (avail < n * elt) return CudaLaunchStatus::kUnsupported;
   int64_t mc = m < kMaxChunk ? (m < 1 ? 1 : m) : kMaxChunk;
   if (mc * n * elt > avail) mc = avail / (n * elt);
+  const int64_t target = kTargetBlocksPerSm * env.sms;
+  // A small batch: narrower chunks, so that more blocks share the right-hand sides.
+  while (force_splits == 0 && mc > kMinChunk && batch * ceil_div(m, mc) < target) mc = (mc + 1) / 2;
   const size_t bytes = static_cast<size_t>(fixed + mc * n * elt);
   const CudaLaunchStatus st = prepare(kernel, bytes, cuda_error);
   if (st != CudaLaunchStatus::kLaunched || *cuda_error != 0) return st;
   const int64_t chunks = ceil_div(m < 1 ? 1 : m, mc);
-  int64_t splits = ceil_div(kTargetBlocksPerSm * env.sms, batch);
+  int64_t splits = ceil_div(target, batch);
   if (force_splits > 0) splits = force_splits;
   splits = splits < 1 ? 1 : (splits > chunks ? chunks : splits);
   if (batch > INT_MAX || splits > 65535) return CudaLaunchStatus::kUnsupported;

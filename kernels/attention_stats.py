@@ -230,20 +230,33 @@ if triton is not None:
         triton.Config({"BLOCK_K": 128}, num_warps=8, num_stages=3),
     ]
 
+    def _keeps(config, width: int) -> bool:
+        # 4 warps cannot hold the accumulators (and their promoted copies) of a head dim above 64 in
+        # registers: at d = 80 (64 + 16) the bf16 kernel spilled 164 local loads/stores inside the
+        # MMA loop for sm_90 (benchmarks/ops/aot_compile_check.py), none with 8 warps.
+        return width <= 64 or config.num_warps >= 8
+
+    def _prune(configs, named_args, **kwargs):
+        width = int(kwargs.get("D0", 64)) + int(kwargs.get("D1", 0))
+        return [c for c in configs if _keeps(c, width)]
+
     _attention_stats_kernel_tuned = triton.autotune(
         configs=_CONFIGS,
         key=["d", "HD", "IS_3D", "INPUT_PRECISION", "ADD_TO_OUT"],
+        prune_configs_by={"early_config_prune": _prune},
         **autotune_options(),  # the same tuned choice in later processes: see corp.kernels.gram
     )(_attention_stats_kernel)
 
 _tuned_keys: set = set()
 
 
-def cuda_configs() -> list[dict]:
-    """Every autotuned CUDA configuration as ``config=`` dicts (tests check each against fp64)."""
+def cuda_configs(head_dim: Optional[int] = None) -> list[dict]:
+    """Every CUDA configuration the autotuner tries (for head dim ``head_dim``; None: all of them), as
+    ``config=`` dicts (tests check each against fp64)."""
     if triton is None:
         return []
-    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in _CONFIGS]
+    width = sum(head_dim_blocks(head_dim)) if head_dim is not None else 0
+    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in _CONFIGS if _keeps(c, width)]
 
 
 def choose_attention_split(n_tokens: int, num_heads: int, device: torch.device, head_dim: Optional[int] = None) -> int:

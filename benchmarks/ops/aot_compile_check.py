@@ -113,7 +113,7 @@ def _attention_cases(quick: bool):
     for d in (80, 64) if quick else (80, 64, 40, 24):
         d0, d1 = ka.head_dim_blocks(d)
         for dtype, ty in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
-            for cfg in ka.cuda_configs()[:1] if quick else ka.cuda_configs():
+            for cfg in ka.cuda_configs(d)[:1] if quick else ka.cuda_configs(d):
                 cfg = dict(cfg)
                 opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
                 for add_to_out in (True, False):

@@ -341,7 +341,7 @@ def test_gpu_attention_stats_every_config_against_fp64(h, d, dtype):
     choice), odd token count: within the 2× rule of fp64, two runs bit-identical."""
     from corp.kernels.attention_stats import cuda_configs
 
-    _check_configs(h, d, dtype, cuda_configs(), (1, 3, None))
+    _check_configs(h, d, dtype, cuda_configs(d), (1, 3, None))
 
 
 @gpu
