@@ -74,7 +74,23 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,n
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__, '|', torch.cuda.get_device_name())" 2>&1 | tee -a "$SUMMARY"
 command -v nvcc >/dev/null && nvcc --version | tail -1 | sed 's/^/nvcc: /' | tee -a "$SUMMARY"
 
-# 0. preflight
+# 0. preflight: corp.kernels importable, a GPU visible
+# corp.kernels is the top-level kernels/ folder (setup.py package_dir): an editable install of this
+# tree maps it; a bare copy run through PYTHONPATH does not, and an editable install of another
+# checkout would map it to that checkout's kernels. Then link it for this run (removed at exit).
+kernels_dir() { "$PY" -c "import os, corp.kernels as k; print(os.path.realpath(os.path.dirname(k.__file__)))" 2>/dev/null; }
+found="$(kernels_dir)"
+if [ "$found" != "$(realpath "$ROOT/kernels")" ]; then
+    if [ ! -e corp/kernels ]; then
+        ln -s ../kernels corp/kernels && trap 'rm -f "$ROOT/corp/kernels"' EXIT
+        say "preflight: corp.kernels resolved to '${found}', not this tree's kernels/: linked corp/kernels -> ../kernels for this run"
+    fi
+    if [ "$(kernels_dir)" != "$(realpath "$ROOT/kernels")" ]; then
+        say "=== preflight: corp.kernels resolves to '$(kernels_dir)', not $ROOT/kernels. FAILED"
+        exit 2
+    fi
+fi
+
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     say "=== preflight: torch sees no CUDA GPU: nothing here can be checked. FAILED"
     exit 2
