@@ -243,11 +243,14 @@ blocked_solve_kernel(const T* __restrict__ matrix, const T* __restrict__ rhs, co
         }
       }
       __syncthreads();
-      // 3. the trailing update A22 -= L21 L21ᵀ (lower triangle), one entry per thread at a time
+      // 3. the trailing update A22 -= L21 L21ᵀ, one lower-triangle entry per thread at a time
+      //    (entry idx = i(i+1)/2 + j, j <= i: no thread idles on the upper half)
       const int t = n - p1;
-      for (int idx = tid; idx < t * t; idx += kThreads) {
-        const int i = idx / t, j = idx - i * t;
-        if (j > i) continue;
+      for (int idx = tid; idx < t * (t + 1) / 2; idx += kThreads) {
+        int i = static_cast<int>((sqrtf(8.0f * static_cast<float>(idx) + 1.0f) - 1.0f) * 0.5f);
+        if (i * (i + 1) / 2 > idx) --i;  // exact fix-ups of the float guess
+        if ((i + 1) * (i + 2) / 2 <= idx) ++i;
+        const int j = idx - i * (i + 1) / 2;
         const T* ri = sL + (p1 + i) * ld + p0;
         const T* rj = sL + (p1 + j) * ld + p0;
         T s = 0;
