@@ -475,10 +475,13 @@ def test_cuda_path_matches_fp64(path, n, m, dtype):
 
 @cuda_kernels
 @pytest.mark.parametrize("label,batch,n,m", [("512x40", 512, 40, 40), ("768x64", 768, 64, 64),
-                                             ("2048x32", 2048, 32, 32), ("32x128", 32, 128, 128)])
+                                             ("2048x32", 2048, 32, 32), ("32x128", 32, 128, 128),
+                                             # the engine's attention fits at 50%: 2H systems, kept × pruned dims
+                                             ("deit3-huge-qk", 32, 40, 40), ("deit-base-qk", 24, 32, 32)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_cuda_issue_shapes_match_fp64(label, batch, n, m, dtype):
-    """The benchmark shapes of the issue (batch × n, m = n), through the op's own path choice."""
+    """The benchmark shapes of the issue (batch × n, m = n) and the engine's attention-fit shapes,
+    through the op's own path choice."""
     a, b = spd(batch, n, dtype, "cuda", seed=batch), rhs(batch, n, m, dtype, "cuda")
     lam = torch.full((batch,), 1e-3, dtype=dtype, device="cuda")
     x, used, ok = op(a, b, lam)
