@@ -118,7 +118,7 @@ step probe_errors 40 "$PY" benchmarks/gpu_probe_errors.py
 cat "$LOG_DIR/probe_errors.txt" | tee -a "$SUMMARY"
 
 # 3. GPU tests: Triton kernels first (the CPU cases of these files run too, on CUDA tensors)
-step tests_triton 210 "$PY" -m pytest -q -ra --tb=short -p no:cacheprovider --durations=8 \
+step tests_triton 240 "$PY" -m pytest -q -ra --tb=short -p no:cacheprovider --durations=8 \
     tests/ops/test_gram_update.py tests/ops/test_attention_stats_update.py tests/test_triton_backend_prune.py
 tail -40 "$LOG_DIR/tests_triton.txt" | tee -a "$SUMMARY"
 no_gpu_skips tests_triton
@@ -128,7 +128,7 @@ tail -40 "$LOG_DIR/tests_solver.txt" | tee -a "$SUMMARY"
 no_gpu_skips tests_solver
 
 # 4. the targets, one run (exit 1 if any result is wrong against fp64; misses are printed)
-step targets 170 "$PY" benchmarks/ops/bench_targets.py ${TARGETS_ARGS:-}
+step targets 150 "$PY" benchmarks/ops/bench_targets.py ${TARGETS_ARGS:-}
 cat "$LOG_DIR/targets.txt" | tee -a "$SUMMARY"
 
 # 5. the older sweeps and the solver table (FULL=1)

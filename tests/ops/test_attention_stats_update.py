@@ -346,8 +346,8 @@ def test_gpu_attention_stats_every_config_against_fp64(h, d, dtype):
 
 @gpu
 @needs_triton
-@pytest.mark.parametrize("h,d", [(6, 40), (4, 24), (3, 8)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("h,d,dtype", [(6, 40, torch.bfloat16), (4, 24, torch.float32), (3, 8, torch.bfloat16)],
+                         ids=["6x40-bf16", "4x24-fp32", "3x8-bf16"])
 def test_gpu_attention_stats_other_head_dims(h, d, dtype):
     """Head dims with a masked tail block (40 = 32 + 16 with 8 masked, 24 = 16 + 16) or smaller
     than one block (8), the untuned configuration, unsplit and split."""
