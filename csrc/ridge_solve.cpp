@@ -16,9 +16,10 @@
 // has fewer than two matrices per thread), in the widest of the SSE2 / AVX2 /
 // AVX-512 builds of ridge_solve_cpu_impl.h that the CPU runs; larger n goes to LAPACK through
 // at::linalg_cholesky_ex / at::cholesky_solve with the same retry rule.
-// CUDA (when built with CORP_WITH_CUDA): one thread block per matrix for
-// n <= kCudaKernelMaxN (ridge_solve_cuda.cu); larger n goes to cuSOLVER
-// through the same ATen path.
+// CUDA (when built with CORP_WITH_CUDA): a warp per matrix for n <= kWarpMaxN,
+// a blocked factor with one thread block per matrix for n <= kCudaKernelMaxN
+// (ridge_solve_cuda.cu; right-hand sides split across warps/blocks when the
+// batch is small); larger n goes to cuSOLVER through the same ATen path.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -238,12 +239,21 @@ Result ridge_solve_cpu(const Tensor& matrix, const Tensor& rhs, const Tensor& da
 // --------------------------------------------------------------- CUDA entry
 
 #ifdef CORP_WITH_CUDA
+// path (kCudaPathAuto/Warp/Blocked) and splits (> 0: warps/blocks per matrix) are for tests and
+// benchmarks; the registered op uses the defaults. A forced path that does not take the shape
+// raises instead of falling back, so that a test cannot pass on the wrong path.
 Result ridge_solve_cuda(const Tensor& matrix, const Tensor& rhs, const Tensor& damping, int64_t max_retries,
-                        double growth) {
+                        double growth, int64_t path, int64_t splits) {
   check_inputs(matrix, rhs, damping, max_retries, growth);
   TORCH_CHECK(matrix.device().is_cuda(), "corp::ridge_solve (CUDA kernel) got a tensor on ", matrix.device());
+  TORCH_CHECK(path >= kCudaPathAuto && path <= kCudaPathBlocked, "corp::ridge_solve: path must be 0, 1 or 2, got ",
+              fmt_int(path));
+  TORCH_CHECK(splits >= 0 && splits <= 65535, "corp::ridge_solve: splits must be in [0, 65535], got ", fmt_int(splits));
   const c10::cuda::CUDAGuard guard(matrix.device());
   const int64_t b = matrix.size(0), n = matrix.size(1), m = rhs.size(2);
+  const int64_t path_max_n = path == kCudaPathWarp ? kWarpMaxN : kCudaKernelMaxN;
+  TORCH_CHECK(path == kCudaPathAuto || n <= path_max_n, "corp::ridge_solve: the forced CUDA path ", fmt_int(path),
+              " takes n <= ", fmt_int(path_max_n), ", got n = ", fmt_int(n));
   if (b == 0 || n == 0 || n > kCudaKernelMaxN) return ridge_solve_aten(matrix, rhs, damping, max_retries, growth);
   const Tensor A = matrix.contiguous();
   const Tensor B = rhs.contiguous();
@@ -255,13 +265,18 @@ Result ridge_solve_cuda(const Tensor& matrix, const Tensor& rhs, const Tensor& d
   const auto status = ridge_solve_cuda_launch(
       A.scalar_type() == at::kDouble, A.const_data_ptr(), B.const_data_ptr(), lam.const_data_ptr(),
       X.mutable_data_ptr(), lam_out.mutable_data_ptr(), ok.mutable_data_ptr<bool>(), b, n, m, max_retries, growth,
-      matrix.device().index(), c10::cuda::getCurrentCUDAStream().stream(), &cuda_error);
+      matrix.device().index(), c10::cuda::getCurrentCUDAStream().stream(), static_cast<int>(path),
+      static_cast<int>(splits), &cuda_error);
   if (status == CudaLaunchStatus::kNoKernelImage) {
     TORCH_WARN_ONCE("corp::ridge_solve: the extension has no CUDA kernel for this GPU's architecture; using "
                     "torch.linalg (cuSOLVER). Rebuild with TORCH_CUDA_ARCH_LIST set for this GPU.");
     return ridge_solve_aten(matrix, rhs, damping, max_retries, growth);
   }
-  if (status == CudaLaunchStatus::kUnsupported) return ridge_solve_aten(matrix, rhs, damping, max_retries, growth);
+  if (status == CudaLaunchStatus::kUnsupported) {
+    TORCH_CHECK(path == kCudaPathAuto, "corp::ridge_solve: the forced CUDA path ", fmt_int(path),
+                " does not fit this shape on this GPU (shared memory)");
+    return ridge_solve_aten(matrix, rhs, damping, max_retries, growth);
+  }
   TORCH_CHECK(cuda_error == 0, "corp::ridge_solve: CUDA error: ",
               cudaGetErrorString(static_cast<cudaError_t>(cuda_error)));
   return {X, lam_out, ok};
@@ -285,13 +300,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           pybind11::arg("growth") = 10.0);
 #ifdef CORP_WITH_CUDA
   mod.attr("with_cuda") = true;
-  mod.def("ridge_solve_cuda", &corp::ridge_solve_cuda, "batched damped Cholesky solve on CUDA tensors",
+  mod.def("ridge_solve_cuda", &corp::ridge_solve_cuda,
+          "batched damped Cholesky solve on CUDA tensors (path: 0 by n, 1 warp per matrix, 2 blocked; splits: "
+          "warps/blocks sharing one matrix's right-hand sides, 0 = chosen from the GPU size)",
           pybind11::arg("matrix"), pybind11::arg("rhs"), pybind11::arg("damping"), pybind11::arg("max_retries") = 8,
-          pybind11::arg("growth") = 10.0);
+          pybind11::arg("growth") = 10.0, pybind11::arg("path") = corp::kCudaPathAuto, pybind11::arg("splits") = 0);
 #else
   mod.attr("with_cuda") = false;
 #endif
   mod.attr("cpu_kernel_max_n") = corp::kCpuKernelMaxN;
   mod.def("cpu_isa", &corp::cpu_isa_name, "instruction set of the CPU kernel chosen at run time (base, avx2, avx512)");
   mod.attr("cuda_kernel_max_n") = corp::kCudaKernelMaxN;
+  mod.attr("cuda_warp_max_n") = corp::kWarpMaxN;
 }

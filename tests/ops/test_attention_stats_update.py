@@ -66,7 +66,7 @@ def test_attention_stats_rejects_wrong_width():
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
 @pytest.mark.parametrize("kind,split", [("2d-sliced", 1), ("3d-unmergeable", 3), ("3d-contiguous", 2)])
 def test_attention_stats_match_fp64(dtype, kind, split):
-    h, d = 3, 80  # d not a power of two: padded to 128 with masks
+    h, d = 3, 80  # d not a power of two: blocks of 64 and 16, no padding
     gen = torch.Generator().manual_seed(split)
     qkv = _qkv(kind, h, d, dtype, gen)
     start = [torch.randn(h, d, d, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2)]
@@ -78,6 +78,77 @@ def test_attention_stats_match_fp64(dtype, kind, split):
     ref = [s + r for s, r in zip(start, fp64_reference(qkv, h, d))]
     for name, o, b, r in zip(("gram_q", "gram_k", "score"), out, base, ref):
         assert_within_bound(o, b, r, what=f"{name} {kind} {dtype}")
+
+
+def test_head_dim_blocks_cover_d_without_padding_to_a_power_of_two():
+    from corp.kernels.attention_stats import head_dim_blocks
+
+    assert head_dim_blocks(80) == (64, 16)  # DeiT-III Huge: 80 = 64 + 16, nothing masked
+    assert head_dim_blocks(64) == (64, 0)
+    assert head_dim_blocks(96) == (64, 32)
+    assert head_dim_blocks(40) == (32, 16)
+    assert head_dim_blocks(24) == (16, 16)
+    assert head_dim_blocks(8) == (16, 0)
+    for d in range(1, 300):
+        d0, d1 = head_dim_blocks(d)
+        assert d0 + d1 >= d and d0 >= 16 and (d1 == 0 or d1 >= 16)
+        assert d0 & (d0 - 1) == 0 and d1 & (d1 - 1) == 0  # powers of two (tl.arange sizes)
+        if d >= 16:
+            assert d0 <= d  # the first block is never padded
+        assert d0 + d1 <= max(16, 1 << (d - 1).bit_length())  # never more than padding to a power of two
+    with pytest.raises(ValueError):
+        head_dim_blocks(0)
+
+
+@needs_triton
+@pytest.mark.parametrize("d", [80, 40, 24])
+@pytest.mark.parametrize("n,split", [(1, 1), (67, 1), (131, 4)])
+def test_attention_stats_head_dims_without_padding(d, n, split):
+    """Head dims 80 (64 + 16), 40 (32 + 16, 8 masked), 24 (16 + 16, 8 masked); odd token counts;
+    every block of the Gram, including the transposed (1, 0) block, against fp64."""
+    h = 2
+    gen = torch.Generator().manual_seed(d + n)
+    qkv = (torch.randn(n, 3 * h * d + 3, generator=gen) * 1.2 + 0.3)[:, 3:].to(DEVICE)  # strided rows
+    start = [torch.randn(h, d, d, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2)]
+    start.append(torch.randn(h, d, generator=gen, dtype=torch.float64).to(DEVICE))
+    out = [t.clone() for t in start]
+    _triton()(*out, qkv, h, d, split_k=split)
+    base = [t.clone() for t in start]
+    reference.attention_stats_update_(*base, qkv, h, d)
+    ref = [s + r for s, r in zip(start, fp64_reference(qkv, h, d))]
+    for name, o, b, r in zip(("gram_q", "gram_k", "score"), out, base, ref):
+        assert_within_bound(o, b, r, what=f"{name} d={d} n={n}")
+
+
+@needs_triton
+def test_attention_stats_split_is_bitwise_repeatable_and_reduced_in_order():
+    """split > 1: the splits' workspace slices are added in a fixed order. Two calls are
+    bit-identical, and equal ``start + ((p₀ + p₁) + p₂)`` with ``p_s`` the unsplit kernel's result
+    on split s's tokens."""
+    import math
+
+    h, d, n, split, block_k = 2, 40, 150, 3, 32
+    gen = torch.Generator().manual_seed(31)
+    qkv = (torch.randn(n, 3 * h * d, generator=gen) + 0.2).to(DEVICE)
+    start = [torch.randn(h, d, d, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2)]
+    start.append(torch.randn(h, d, generator=gen, dtype=torch.float64).to(DEVICE))
+    config = {"BLOCK_K": block_k}
+    runs = []
+    for _ in range(2):
+        out = [t.clone() for t in start]
+        _triton()(*out, qkv, h, d, split_k=split, config=config)
+        runs.append(out)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    per_split = math.ceil(math.ceil(n / split) / block_k) * block_k
+    totals = [torch.zeros_like(t) for t in start]
+    for s in range(split):
+        part = _zeros(h, d)
+        _triton()(*part, qkv[s * per_split:(s + 1) * per_split], h, d, split_k=1, config=config)
+        for tot, p in zip(totals, part):
+            tot += p
+    for got, s0, tot in zip(runs[0], start, totals):
+        assert torch.equal(got, s0 + tot)
 
 
 @needs_triton
@@ -239,3 +310,71 @@ def test_gpu_autotuning_does_not_corrupt_the_accumulators(monkeypatch):
     _triton()(*out, qkv, h, d)
     for name, o, r in zip(("gram_q", "gram_k", "score"), out, fp64_reference(qkv, h, d)):
         torch.testing.assert_close(o, 1 + r, rtol=1e-5, atol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+def _check_configs(h, d, dtype, configs, splits):
+    torch.manual_seed(h * d)
+    qkv = (torch.randn(9001, 3 * h * d, device="cuda") * 1.2 + 0.3).to(dtype)
+    base = _zeros(h, d)
+    reference.attention_stats_update_(*base, qkv, h, d)
+    ref = fp64_reference(qkv, h, d)
+    for config in configs:
+        for split in splits:
+            runs = []
+            for _ in range(2):
+                out = _zeros(h, d)
+                _triton()(*out, qkv, h, d, split_k=split, config=config)
+                runs.append(out)
+            what = f"H={h} d={d} {config} split={split}"
+            for a, b in zip(*runs):
+                assert torch.equal(a, b), what
+            for name, o, b, r in zip(("gram_q", "gram_k", "score"), runs[0], base, ref):
+                assert_within_bound(o, b, r, what=f"{name} {what}")
+
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("h,d,dtype", [(16, 80, torch.bfloat16), (12, 64, torch.bfloat16), (16, 80, torch.float32)],
+                         ids=["16x80-bf16", "12x64-bf16", "16x80-fp32"])
+def test_gpu_attention_stats_every_config_against_fp64(h, d, dtype):
+    """Every autotuned configuration at the target shapes, unsplit and split (3, and the automatic
+    choice), odd token count: within the 2× rule of fp64, two runs bit-identical."""
+    from corp.kernels.attention_stats import cuda_configs
+
+    _check_configs(h, d, dtype, cuda_configs(d), (1, 3, None))
+
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("h,d,dtype", [(6, 40, torch.bfloat16), (4, 24, torch.float32), (3, 8, torch.bfloat16)],
+                         ids=["6x40-bf16", "4x24-fp32", "3x8-bf16"])
+def test_gpu_attention_stats_other_head_dims(h, d, dtype):
+    """Head dims with a masked tail block (40 = 32 + 16 with 8 masked, 24 = 16 + 16) or smaller
+    than one block (8), the untuned configuration, unsplit and split."""
+    _check_configs(h, d, dtype, [None], (1, None))
+
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("h,d", [(16, 80), (12, 64)], ids=["deit3_huge", "deit_base"])
+def test_gpu_attention_stats_target_shapes_autotuned(h, d, monkeypatch):
+    """The target shapes at 262,144 bf16 tokens in one call, tuned: relative error vs fp64 ≤ 5e-6
+    and bit-identical repeats (the automatic split reduces in order)."""
+    monkeypatch.setenv("CORP_TRITON_AUTOTUNE", "1")
+    torch.manual_seed(0)
+    n = 262144
+    qkv = (torch.randn(n, 3 * h * d, device="cuda") * 1.2 + 0.3).to(torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        out = _zeros(h, d)
+        _triton()(*out, qkv, h, d)
+        runs.append(out)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    ref = [torch.zeros_like(t) for t in runs[0]]
+    for s in range(0, n, 65536):
+        for acc, r in zip(ref, fp64_reference(qkv[s:s + 65536], h, d)):
+            acc += r
+    for name, o, r in zip(("gram_q", "gram_k", "score"), runs[0], ref):
+        rel = ((o - r).abs().max() / r.abs().max()).item()
+        assert rel <= 5e-6, (name, rel)

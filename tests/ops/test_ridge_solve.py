@@ -435,3 +435,126 @@ def test_missing_extension_gives_the_build_command():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("ok")
+
+
+# ------------------------------------------------------- the CUDA kernels, path by path (GPU only)
+#
+# ridge_solve_cuda(..., path, splits): path 1 is the warp-per-matrix kernel (n <= 32), path 2 the
+# blocked shared-memory kernel (n <= 128), 0 chooses by n (what the registered op runs); splits > 0
+# forces the number of warps/blocks that share one matrix's right-hand sides.
+
+cuda_kernels = pytest.mark.skipif(not CUDA_OK, reason="needs a GPU and the CUDA kernels")
+WARP, BLOCKED = 1, 2
+
+
+def cuda_op(a, b, lam, path=0, splits=0, retries=MAX_DAMPING_RETRIES, growth=DAMPING_GROWTH):
+    return _compiled.module().ridge_solve_cuda(a, b, lam, retries, growth, path, splits)
+
+
+@cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("path,n", [(WARP, 1), (WARP, 5), (WARP, 31), (WARP, 32), (BLOCKED, 1), (BLOCKED, 7),
+                                    (BLOCKED, 32), (BLOCKED, 33), (BLOCKED, 40), (BLOCKED, 63), (BLOCKED, 64),
+                                    (BLOCKED, 80), (BLOCKED, 97), (BLOCKED, 127), (BLOCKED, 128)])
+@pytest.mark.parametrize("m", [1, 33, 130])
+def test_cuda_path_matches_fp64(path, n, m, dtype):
+    """Each kernel against torch.linalg in fp64: odd n (partial warps, partial last panel), m = 1,
+    m not a multiple of 32, m over two right-hand-side chunks of the blocked kernel."""
+    batch = 37
+    a, b = spd(batch, n, dtype, "cuda", seed=n), rhs(batch, n, m, dtype, "cuda", seed=m)
+    lam = torch.full((batch,), 1e-2, dtype=dtype, device="cuda")
+    x, used, ok = cuda_op(a, b, lam, path=path)
+    assert bool(ok.all()) and torch.equal(used, lam)
+    ref = linalg_reference(a, b, lam)
+    if dtype == torch.float64:
+        torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-10)
+    else:
+        assert float((x.double() - ref).abs().max() / ref.abs().max()) < 1e-4
+        assert backward_error(a, b, lam, x) < 1e-6
+
+
+@cuda_kernels
+@pytest.mark.parametrize("label,batch,n,m", [("512x40", 512, 40, 40), ("768x64", 768, 64, 64),
+                                             ("2048x32", 2048, 32, 32), ("32x128", 32, 128, 128),
+                                             # the engine's attention fits at 50%: 2H systems, kept × pruned dims
+                                             ("deit3-huge-qk", 32, 40, 40), ("deit-base-qk", 24, 32, 32)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_cuda_issue_shapes_match_fp64(label, batch, n, m, dtype):
+    """The benchmark shapes of the issue (batch × n, m = n) and the engine's attention-fit shapes,
+    through the op's own path choice."""
+    a, b = spd(batch, n, dtype, "cuda", seed=batch), rhs(batch, n, m, dtype, "cuda")
+    lam = torch.full((batch,), 1e-3, dtype=dtype, device="cuda")
+    x, used, ok = op(a, b, lam)
+    assert bool(ok.all())
+    ref = linalg_reference(a, b, lam)
+    bound = 1e-10 if dtype == torch.float64 else 1e-4
+    assert float((x.double() - ref).abs().max() / ref.abs().max()) < bound, label
+
+
+@cuda_kernels
+@pytest.mark.parametrize("path,n", [(WARP, 29), (BLOCKED, 29), (BLOCKED, 100)])
+def test_cuda_right_hand_sides_split_across_warps_and_blocks(path, n):
+    """A small batch with many right-hand sides: splitting the columns over 1, 3, 7 warps/blocks
+    (each refactors the matrix) gives the same solution bit for bit, and it matches fp64."""
+    batch, m = 3, 517
+    a, b = spd(batch, n, device="cuda", seed=5), rhs(batch, n, m, device="cuda", seed=6)
+    lam = torch.full((batch,), 1e-2, dtype=torch.float64, device="cuda")
+    results = [cuda_op(a, b, lam, path=path, splits=s) for s in (1, 3, 7, 0)]
+    for x, used, ok in results:
+        assert bool(ok.all()) and torch.equal(used, lam)
+        assert torch.equal(x, results[0][0])
+    torch.testing.assert_close(results[0][0], linalg_reference(a, b, lam), rtol=1e-10, atol=1e-10)
+
+
+@cuda_kernels
+@pytest.mark.parametrize("path,n", [(WARP, 32), (BLOCKED, 48), (BLOCKED, 128)])
+def test_cuda_bitwise_repeat(path, n):
+    """Two runs on the same input are bit-identical (no atomics; λ = 0 on rank-deficient Grams: the
+    retries run too)."""
+    a, b = spd(200, n, device="cuda", seed=9, rank=n // 2 + 1), rhs(200, n, 70, device="cuda")
+    lam = torch.zeros(200, dtype=torch.float64, device="cuda")
+    first = cuda_op(a, b, lam, path=path)
+    for _ in range(3):
+        again = cuda_op(a, b, lam, path=path)
+        for u, v in zip(first, again):
+            assert torch.equal(u, v)
+
+
+@cuda_kernels
+@pytest.mark.parametrize("path,n", [(WARP, 24), (BLOCKED, 24), (BLOCKED, 72)])
+def test_cuda_damping_retries_inside_each_kernel(path, n):
+    """Rank-deficient Grams with λ = 0 retry inside the kernel; a dead channel fails exactly at its
+    pivot and the first retry is the floor mean|diag|·1e-12, as in the reference; a negative
+    definite matrix exhausts the retries (ok False, X = 0) without disturbing its neighbours."""
+    batch = 40
+    a = spd(batch, n, device="cuda", rank=n // 2)
+    a[0] = spd(1, n, device="cuda", seed=3)[0]
+    a[1] = spd(1, n, device="cuda", seed=4)[0]
+    a[1, 5, :] = 0
+    a[1, :, 5] = 0
+    a[2] = -1e12 * torch.eye(n, dtype=torch.float64, device="cuda")
+    b = rhs(batch, n, 9, device="cuda")
+    b[1, 5] = 0
+    lam = torch.zeros(batch, dtype=torch.float64, device="cuda")
+    x, used, ok = cuda_op(a, b, lam, path=path)
+    ref = ops.REFERENCE.ridge_solve(a, b, lam)
+    assert ok.tolist() == ref.ok.tolist() and not bool(ok[2]) and bool(ok[[0, 1]].all())
+    assert float(used[0]) == 0.0  # well posed: no retry
+    assert float(x[2].abs().max()) == 0.0
+    torch.testing.assert_close(used[1], torch.diagonal(a[1]).abs().mean() * 1e-12, rtol=1e-12, atol=0)
+    good = ok.nonzero().squeeze(1)
+    assert backward_error(a[good], b[good], used[good], x[good]) < 1e-13
+    ratio = used[3:] / ref.damping[3:]
+    assert bool(((ratio > 0.099) & (ratio < 10.01)).all()), ratio  # the same ladder, maybe one rung apart
+
+
+@cuda_kernels
+def test_cuda_forced_path_refuses_a_shape_it_does_not_take():
+    a, b = spd(2, 33, device="cuda"), rhs(2, 33, 3, device="cuda")
+    lam = torch.ones(2, dtype=torch.float64, device="cuda")
+    with pytest.raises(RuntimeError, match="forced CUDA path"):
+        cuda_op(a, b, lam, path=WARP)
+    with pytest.raises(RuntimeError, match="forced CUDA path"):
+        cuda_op(spd(2, 129, device="cuda"), rhs(2, 129, 3, device="cuda"), lam, path=BLOCKED)
+    with pytest.raises(RuntimeError, match="path must be"):
+        cuda_op(a, b, lam, path=3)
