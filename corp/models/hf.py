@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import AttentionPart, AttentionWeights, ConcatenatedOutputs, MlpPart, MlpWeights, ModelAdapter, unsupported
+from .base import AttentionPart, AttentionWeights, ConcatenatedOutputs, InputOf, MlpPart, MlpWeights, ModelAdapter
+from .base import unsupported
 from .base import empty_linear as _empty_linear
 from .base import new_linear as _linear
 
@@ -203,7 +204,20 @@ class _HFEncoder(ModelAdapter):
     def mlp_module(self, block: nn.Module) -> nn.Module:
         return block.mlp
 
-    def hidden_site(self, block: nn.Module) -> nn.Module:
+    def mlp_hidden(self, block: nn.Module) -> int:
+        """D_h, the MLP's hidden channels (the output projection's columns)."""
+        return self.mlp_linears(block)[1].in_features
+
+    def mlp_input_rows(self, block: nn.Module) -> int:
+        """Input-projection rows per hidden channel (2 for a gated MLP: gate and up)."""
+        return 1
+
+    def mlp_weights(self, block: nn.Module) -> MlpWeights:
+        """The dense MLP's projections, fp64 (a plain MLP: ``mlp_linears``)."""
+        fc_in, fc_out = self.mlp_linears(block)
+        return MlpWeights(_fp64(fc_in.weight), _fp64(fc_in.bias), _fp64(fc_out.weight), _fp64(fc_out.bias))
+
+    def hidden_site(self, block: nn.Module):
         raise NotImplementedError
 
     def set_mlp(self, block: nn.Module, module: nn.Module) -> None:
@@ -388,10 +402,9 @@ class _HFEncoder(ModelAdapter):
         return new
 
     def mlp(self, block: nn.Module) -> MlpPart:
-        fc_in, fc_out = self.mlp_linears(block)
         return MlpPart(
-            module=self.mlp_module(block), hidden=fc_in.out_features, hidden_site=self.hidden_site(block),
-            weights=lambda: MlpWeights(_fp64(fc_in.weight), _fp64(fc_in.bias), _fp64(fc_out.weight), _fp64(fc_out.bias)),
+            module=self.mlp_module(block), hidden=self.mlp_hidden(block), hidden_site=self.hidden_site(block),
+            weights=lambda: self.mlp_weights(block),
             build=lambda kept, w_out, b_out: self.build_mlp(block, kept, w_out, b_out),
         )
 
@@ -407,10 +420,10 @@ class _HFEncoder(ModelAdapter):
             raise ValueError(f"unknown block part {part!r}")
 
     def widths(self, block: nn.Module) -> dict[str, int]:
-        return {"mlp_hidden": self.mlp_linears(block)[0].out_features, "qk_dim": self._qk_width(self._attention(block))}
+        return {"mlp_hidden": self.mlp_hidden(block), "qk_dim": self._qk_width(self._attention(block))}
 
     def reshape_block(self, block: nn.Module, widths: dict[str, int]) -> None:
-        if widths["mlp_hidden"] != self.mlp_linears(block)[0].out_features:
+        if widths["mlp_hidden"] != self.mlp_hidden(block):
             self.reshape_mlp(block, widths["mlp_hidden"])
         attn = self._attention(block)
         if widths["qk_dim"] != self._qk_width(attn):
@@ -445,9 +458,10 @@ class _HFEncoder(ModelAdapter):
             heads, head_dim = self._heads(attn)
             fc_in, _ = self.mlp_linears(block)
             q = getattr(attn, self.projection_names[0])
-            costs.append(dict(embed_dim=fc_in.in_features, mlp_hidden=fc_in.out_features, num_heads=heads,
+            costs.append(dict(embed_dim=fc_in.in_features, mlp_hidden=self.mlp_hidden(block), num_heads=heads,
                               head_dim=head_dim, qk_dim=self._qk_width(attn), tokens=tokens,
-                              qkv_bias=q.bias is not None, mlp_bias=fc_in.bias is not None))
+                              qkv_bias=q.bias is not None, mlp_bias=fc_in.bias is not None,
+                              mlp_input_rows=self.mlp_input_rows(block)))
         return costs
 
     def count_flops(self, model: nn.Module) -> int:
@@ -643,7 +657,14 @@ class HFViT(_SplitMlpFamily):
 
 
 class HFDinov2(_HFEncoder):
-    """``Dinov2Model`` / ``Dinov2ForImageClassification``: pre-norm layers with LayerScale; SwiGLU refused."""
+    """``Dinov2Model`` / ``Dinov2ForImageClassification``: pre-norm layers with LayerScale, and either
+    MLP: ``Dinov2MLP`` (fc1 → act → fc2) or the giant's ``Dinov2SwiGLUFFN`` (``use_swiglu_ffn``).
+
+    ``Dinov2SwiGLUFFN`` fuses gate and up into one Linear: ``x1, x2 = chunk(weights_in(x))``,
+    ``h = silu(x1) ⊙ x2``, ``out = weights_out(h)``. Hidden channel ``j`` is row ``j`` (gate) and
+    row ``D_h + j`` (up) of ``weights_in`` and column ``j`` of ``weights_out``; ``h`` is computed
+    inline, so the statistics read ``weights_out``'s input (:class:`~corp.models.base.InputOf`),
+    and the compensation folds into ``weights_out`` as into fc2."""
 
     name = "hf_dinov2"
     model_classes = ("Dinov2Model", "Dinov2ForImageClassification")
@@ -654,24 +675,57 @@ class HFDinov2(_HFEncoder):
     def encoder(self, model):
         return model if type(model).__name__ == "Dinov2Model" else model.dinov2
 
-    def check_supported(self, model):
-        if getattr(model.config, "use_swiglu_ffn", False):
-            raise unsupported("config.use_swiglu_ffn", model, "DINOv2's SwiGLU MLP (the giant) is not supported yet: "
-                              "gated MLPs need their own channel statistics (a gated-MLP interface is in progress)")
-        super().check_supported(model)
-
     def check_layer(self, path, block):
-        if type(block.mlp).__name__ != "Dinov2MLP":
-            raise unsupported(f"{path}.mlp", block.mlp, "only Dinov2MLP (fc1 → act → fc2) is supported")
+        if type(block.mlp).__name__ not in ("Dinov2MLP", "Dinov2SwiGLUFFN"):
+            raise unsupported(f"{path}.mlp", block.mlp, "only Dinov2MLP (fc1 → act → fc2) and Dinov2SwiGLUFFN "
+                              "are supported")
 
     def attention_input(self, block, x):
         return block.norm1(x)
 
+    @staticmethod
+    def _swiglu(block) -> bool:
+        return type(block.mlp).__name__ == "Dinov2SwiGLUFFN"
+
     def mlp_linears(self, block):
+        if self._swiglu(block):
+            return block.mlp.weights_in, block.mlp.weights_out
         return block.mlp.fc1, block.mlp.fc2
 
+    def mlp_input_rows(self, block):
+        return 2 if self._swiglu(block) else 1
+
+    def mlp_weights(self, block):
+        if not self._swiglu(block):
+            return super().mlp_weights(block)
+        w_in, w_out = self.mlp_linears(block)
+        d = w_out.in_features
+        w, b = _fp64(w_in.weight), _fp64(w_in.bias)
+        return MlpWeights(w[d:], b[d:] if b is not None else None, _fp64(w_out.weight), _fp64(w_out.bias),
+                          w_gate=w[:d], b_gate=b[:d] if b is not None else None)
+
     def hidden_site(self, block):
-        return block.mlp.activation
+        return InputOf(block.mlp.weights_out) if self._swiglu(block) else block.mlp.activation
+
+    def build_mlp(self, block, kept, w_out, b_out):
+        if not self._swiglu(block):
+            return super().build_mlp(block, kept, w_out, b_out)
+        mlp = block.mlp
+        new = copy.copy(mlp)
+        new._modules = dict(mlp._modules)
+        rows = torch.cat([kept, kept + self.mlp_hidden(block)])  # the same channels in the gate and up halves
+        w_in = mlp.weights_in
+        new.weights_in = _linear(w_in.weight.detach()[rows], w_in.bias.detach()[rows] if w_in.bias is not None else None,
+                                 w_in)
+        new.weights_out = _linear(w_out, b_out, mlp.weights_out)
+        return new
+
+    def reshape_mlp(self, block, hidden):
+        if not self._swiglu(block):
+            return super().reshape_mlp(block, hidden)
+        w_in, w_out = block.mlp.weights_in, block.mlp.weights_out
+        block.mlp.weights_in = _empty_linear(w_in.in_features, 2 * hidden, w_in)
+        block.mlp.weights_out = _empty_linear(hidden, w_out.out_features, w_out)
 
     def embed(self, model, batch):
         return self.encoder(model).embeddings(batch)
