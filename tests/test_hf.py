@@ -654,3 +654,18 @@ def test_dinov3_pruned_attention_is_the_fit_applied_after_the_rotation():
         reference = dense_attn.o_proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, h * d))
         out, _ = attn(x, position_embeddings=(cos, sin))
     torch.testing.assert_close(out, reference, rtol=1e-9, atol=1e-10)
+
+
+def test_unsupported_dinov3_modules_named_by_path():
+    model = _dinov3()
+    model.layer[1].mlp = torch.nn.Sequential(torch.nn.Linear(48, 48))
+    with pytest.raises(ValueError, match=r"'layer\.1\.mlp' \(Sequential\): only DINOv3ViTMLP and DINOv3ViTGatedMLP"):
+        corp.prune(model, torch.randn(2, 3, 16, 16), mlp_sparsity=0.5)
+    model = _dinov3()
+    model.layer[0].attention = torch.nn.Identity()
+    with pytest.raises(ValueError, match=r"'layer\.0\.attention' \(Identity\): only DINOv3ViTAttention"):
+        corp.prune(model, torch.randn(2, 3, 16, 16), mlp_sparsity=0.5)
+    dinov2 = _vision("Dinov2Model")
+    dinov2.encoder.layer[0].mlp = torch.nn.Sequential(torch.nn.Linear(48, 48))
+    with pytest.raises(ValueError, match=r"'encoder\.layer\.0\.mlp' \(Sequential\): only Dinov2MLP"):
+        corp.prune(dinov2, torch.randn(2, 3, 16, 16), mlp_sparsity=0.5)

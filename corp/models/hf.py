@@ -405,10 +405,10 @@ class _HFEncoder(ModelAdapter):
             scale = getattr(attn, "scaling", getattr(attn, "scale", head_dim ** -0.5))
             if not math.isclose(float(scale), head_dim ** -0.5, rel_tol=1e-6):
                 raise unsupported(apath, attn, f"logit scale {scale} is not head_dim ** -0.5")
+            self.check_layer(path, block)  # first: the family's MLP class, before its projections are read
             fc_in, fc_out = self.mlp_linears(block)
             if type(fc_in) is not nn.Linear or type(fc_out) is not nn.Linear:
                 raise unsupported(f"{path}", block, "the MLP projections must be nn.Linear")
-            self.check_layer(path, block)
 
     def _blocks_path(self, model: nn.Module) -> str:
         blocks = self.blocks(model)
