@@ -152,11 +152,12 @@ _UNHASHED = "# progress only: not hashed (training_key)"
 
 def training_key(settings: dict, arch: dict) -> str:
     """The cache key of a trained digits ViT: a hash of the code that makes it (data loading,
-    model building, training loop; less the progress-only lines), its configuration and the torch version."""
+    model building, training loop; less the progress-only lines), its configuration (``arch["family"]``
+    picks the base config), its training thread count and the torch version."""
     code = "".join(inspect.getsource(f) for f in (load_digits_data, build_digits_vit, train_digits_vit))
     code = "".join(line for line in code.splitlines(keepends=True) if not line.rstrip().endswith(_UNHASHED))
     family = _family(arch.get("family", "vit"))
-    if family == "vit":  # the default family's key leaves the family out, as before families existed
+    if family == "vit":  # family="vit" spelled out is the same model as no family: the same key
         arch = {k: v for k, v in arch.items() if k != "family"}
     cfg = {**DIGITS_FAMILIES[family], **arch}
     blob = json.dumps({"code": code, "cfg": cfg, "train": settings, "threads": FAMILY_TRAIN_THREADS[family],
