@@ -89,7 +89,7 @@ ALL_PI = dict(method="paper", propagate="pruned", logit_fit="per_image", selecti
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "uncompensated": ("uncompensated", dict(method="paper", compensate=False)),
     # corp's selection without compensation: the "no compensation" of tests/test_end_to_end_digits.py
-    "uncompensated-corp": ("uncompensated (corp selection)", dict(method="corp", compensate=False)),
+    "uncompensated-corp": ("uncompensated-corp", dict(method="corp", compensate=False)),
     "paper": ("paper", dict(PAPER)),
     "+ec": ("+ec", dict(PAPER, propagate="pruned", target="dense")),
     "+centred": ("+centred", dict(PAPER, logit_fit="centred")),
