@@ -5,6 +5,7 @@ Which of the project's departures from the paper pay off, alone and together, at
 pruned together), and at a global budget of 50% of the parameters:
 
 - ``uncompensated``: ``method="paper", compensate=False`` (the paper's selection, no compensation)
+- ``uncompensated-corp``: ``method="corp", compensate=False`` (corp's selection, no compensation)
 - ``paper``: ``method="paper"`` (dense propagation, energy selection, pooled logit fit, uniform)
 - ``+ec``: paper + error-correcting targets (``propagate="pruned", target="dense"``)
 - ``+centred``: paper + ``logit_fit="centred"``
@@ -27,8 +28,10 @@ Budget block (``--budget 0.5``, ``--budget-metric params``):
 
 Models: ``a`` is the demo's digits ViT (``corp.demo.digits_vit``: CLS token, 4 heads of 24, qkv bias);
 ``b`` is a second shape (no CLS token and average pooling, 8 heads of 16, no qkv bias, 5 blocks of
-width 128), trained with the same code and cached the same way (``~/.cache/corp`` or ``$CORP_CACHE``).
-Calibration: the first 256 training images (as the demo); accuracy: top-1 on the test split.
+width 128), trained with the same code and cached the same way (``~/.cache/corp`` or ``$CORP_CACHE``);
+``swiglu`` and ``eva`` are the tiny SwiGLU ViT and rotary Eva of ``corp.demo.DIGITS_FAMILIES``
+(``python benchmarks/accuracy_ablation.py --models swiglu,eva --sparsities 0.5,0.75 --budget 0
+--variants uncompensated-corp,uncompensated,paper,corp``). Calibration: the first 256 training images (as the demo); accuracy: top-1 on the test split.
 
 A variant that raises (e.g. an option ``corp.prune`` does not accept yet) is shown as ``n/a`` with the
 error's first line, and the run goes on.
@@ -59,17 +62,21 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 import corp  # noqa: E402
 import corp.budget  # noqa: E402
 import corp.report  # noqa: E402
-from corp.demo import DIGITS_VIT_CONFIG, TRAIN_SETTINGS, accuracy, digits_vit, load_digits_data  # noqa: E402
+from corp.demo import DIGITS_FAMILIES, FAMILY_TRAIN_SETTINGS, TRAIN_SETTINGS, accuracy, digits_vit  # noqa: E402
+from corp.demo import load_digits_data  # noqa: E402
 
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "accuracy_ablation.json"
 
-# Overrides of corp.demo.DIGITS_VIT_CONFIG (architecture) and TRAIN_SETTINGS (training) per model.
+# Overrides of corp.demo.DIGITS_FAMILIES (architecture; DIGITS_VIT_CONFIG unless family=) and TRAIN_SETTINGS (training) per model.
 MODELS: dict[str, dict[str, Any]] = {
     "a": dict(label="A (demo digits ViT)", overrides={}),
     "b": dict(
         label="B (avg pool, no CLS, 8 heads, no qkv bias)",
         overrides=dict(embed_dim=128, num_heads=8, depth=5, qkv_bias=False, class_token=False, global_pool="avg"),
     ),
+    # the tiny models of the other families (corp.demo.DIGITS_FAMILIES; tests/test_digits_families.py)
+    "swiglu": dict(label="SwiGLU ViT (tiny, 3 blocks, dim 64, 30 epochs)", overrides=dict(family="swiglu_vit")),
+    "eva": dict(label="rotary Eva (tiny, 3 blocks, dim 64, SwiGLUPacked, 30 epochs)", overrides=dict(family="eva")),
 }
 
 PAPER = dict(method="paper")
@@ -81,6 +88,8 @@ ALL_PI = dict(method="paper", propagate="pruned", logit_fit="per_image", selecti
 # name -> (label, extra corp.prune kwargs); sparsity rows
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "uncompensated": ("uncompensated", dict(method="paper", compensate=False)),
+    # corp's selection without compensation: the "no compensation" of tests/test_end_to_end_digits.py
+    "uncompensated-corp": ("uncompensated-corp", dict(method="corp", compensate=False)),
     "paper": ("paper", dict(PAPER)),
     "+ec": ("+ec", dict(PAPER, propagate="pruned", target="dense")),
     "+centred": ("+centred", dict(PAPER, logit_fit="centred")),
@@ -315,8 +324,10 @@ def main(argv: Optional[list[str]] = None, print_fn: Callable[[str], None] = pri
         model = digits_vit(data, cache=not args.no_cache, **overrides).eval()
         model_seconds = time.perf_counter() - t
         dense_acc = accuracy(model, *test)
-        arch = {**DIGITS_VIT_CONFIG, **{k: v for k, v in overrides.items() if k not in TRAIN_SETTINGS}}
-        train = {**TRAIN_SETTINGS, **{k: v for k, v in overrides.items() if k in TRAIN_SETTINGS}}
+        family = overrides.get("family", "vit")
+        arch = {**DIGITS_FAMILIES[family], **{k: v for k, v in overrides.items() if k not in TRAIN_SETTINGS}}
+        train = {**TRAIN_SETTINGS, **FAMILY_TRAIN_SETTINGS[family],
+                 **{k: v for k, v in overrides.items() if k in TRAIN_SETTINGS}}
         entry: dict[str, Any] = {
             "label": spec["label"], "config": arch, "train": train, "overrides": overrides,
             "model_seconds": model_seconds, "dense_accuracy": dense_acc,

@@ -30,7 +30,8 @@ MODEL_FAMILIES = {
     "timm_eva": "timm Eva models (eva02_*, vit_*_rope_*): MLPs; rotary q/k pruned in whole pairs",
     "hf_bert": "Hugging Face BertModel / BertFor* text encoders (a local model directory; --calib a text file)",
     "hf_vit": "Hugging Face ViTModel / ViTForImageClassification",
-    "hf_dinov2": "Hugging Face Dinov2Model / Dinov2ForImageClassification (no SwiGLU)",
+    "hf_dinov2": "Hugging Face Dinov2Model / Dinov2ForImageClassification (MLP or SwiGLU)",
+    "hf_dinov3": "Hugging Face DINOv3ViTModel: MLP or gated MLP; rotary q/k pruned in whole pairs",
     "hf_clip_vision": "Hugging Face CLIPVisionModel",
     "hf_siglip_vision": "Hugging Face SiglipVisionModel",
 }

@@ -20,12 +20,16 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import SwiGLU
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
 __all__ = [
     "DigitsData",
     "load_digits_data",
     "DIGITS_VIT_CONFIG",
+    "DIGITS_FAMILIES",
+    "FAMILY_TRAIN_SETTINGS",
     "build_digits_vit",
     "train_digits_vit",
     "digits_vit",
@@ -38,6 +42,19 @@ __all__ = [
 DIGITS_VIT_CONFIG = dict(
     img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=4, num_heads=4, mlp_ratio=4.0,
 )
+# Tiny digits models of the other families corp prunes (issue 12), trained and cached by the same
+# code (``digits_vit(family=...)``): a timm ViT with SwiGLU MLPs (gate and up projections, SiLU), and a
+# timm Eva with rotary position embeddings on its 4×4 patch grid (eva02-style: interleaved rotary pairs
+# over each whole head, SwiGLU MLP packed in one fc1, absolute position embedding kept).
+_TINY = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=3, num_heads=4)
+DIGITS_FAMILIES = {
+    "vit": DIGITS_VIT_CONFIG,
+    "swiglu_vit": dict(_TINY, mlp_ratio=8 / 3),
+    "eva": dict(_TINY, mlp_ratio=8 / 3, swiglu_mlp=True, use_rot_pos_emb=True, global_pool="token"),
+}
+# Training settings that differ per family: the tiny models train in 30 epochs, about a minute each on
+# a loaded 2-core machine (README, "Other families on digits", for what more epochs change).
+FAMILY_TRAIN_SETTINGS = {"vit": {}, "swiglu_vit": dict(epochs=30), "eva": dict(epochs=30)}
 TRAIN_SETTINGS = dict(epochs=80, batch_size=64, lr=2e-3, weight_decay=0.05, seed=0)
 # The trained weights depend on torch's CPU thread count (measured: 2 epochs with 1 and with 2
 # threads give bitwise different weights; each count reproduces itself, and
@@ -46,6 +63,9 @@ TRAIN_SETTINGS = dict(epochs=80, batch_size=64, lr=2e-3, weight_decay=0.05, seed
 # far were trained with (2-core machines), so their training key still holds. Different CPUs
 # (instruction sets) may still round differently: see README, "Measured numbers".
 TRAIN_THREADS = 2
+# The tiny models of the other families train on one thread: at their size a second thread costs more
+# than it gives (measured on a loaded 2-core machine: 60-80 ms per step on one thread, 280-580 ms on two).
+FAMILY_TRAIN_THREADS = {"vit": TRAIN_THREADS, "swiglu_vit": 1, "eva": 1}
 
 
 @dataclass
@@ -74,8 +94,14 @@ def load_digits_data(test_fraction: float = 0.25) -> DigitsData:
     return DigitsData(images[~test], labels[~test], images[test], labels[test])
 
 
-def build_digits_vit(**overrides) -> VisionTransformer:
-    return VisionTransformer(**{**DIGITS_VIT_CONFIG, **overrides})
+def build_digits_vit(family: str = "vit", **overrides) -> nn.Module:
+    """The untrained digits model of ``family`` (:data:`DIGITS_FAMILIES`), its config updated by ``overrides``."""
+    cfg = {**DIGITS_FAMILIES[_family(family)], **overrides}
+    if family == "eva":
+        return Eva(**cfg)
+    if family == "swiglu_vit":
+        return VisionTransformer(**cfg, mlp_layer=SwiGLU, act_layer=nn.SiLU)
+    return VisionTransformer(**cfg)
 
 
 def train_digits_vit(data: DigitsData, epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int,
@@ -108,6 +134,12 @@ def train_digits_vit(data: DigitsData, epochs: int, batch_size: int, lr: float, 
     return model.eval()
 
 
+def _family(family: str) -> str:
+    if family not in DIGITS_FAMILIES:
+        raise ValueError(f"unknown digits model family {family!r} (known: {', '.join(DIGITS_FAMILIES)})")
+    return family
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("CORP_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "corp")
     return Path(root)
@@ -120,27 +152,37 @@ _UNHASHED = "# progress only: not hashed (training_key)"
 
 def training_key(settings: dict, arch: dict) -> str:
     """The cache key of a trained digits ViT: a hash of the code that makes it (data loading,
-    model building, training loop; less the progress-only lines), its configuration and the torch version."""
+    model building, training loop; less the progress-only lines), its configuration (``arch["family"]``
+    picks the base config), its training thread count and the torch version."""
     code = "".join(inspect.getsource(f) for f in (load_digits_data, build_digits_vit, train_digits_vit))
     code = "".join(line for line in code.splitlines(keepends=True) if not line.rstrip().endswith(_UNHASHED))
-    blob = json.dumps({"code": code, "cfg": {**DIGITS_VIT_CONFIG, **arch}, "train": settings,
+    family = _family(arch.get("family", "vit"))
+    if family == "vit":  # family="vit" spelled out is the same model as no family: the same key
+        arch = {k: v for k, v in arch.items() if k != "family"}
+    cfg = {**DIGITS_FAMILIES[family], **arch}
+    blob = json.dumps({"code": code, "cfg": cfg, "train": settings, "threads": FAMILY_TRAIN_THREADS[family],
                        "torch": torch.__version__.split("+")[0]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def digits_vit(data: Optional[DigitsData] = None, cache: bool = True, print_fn=None,
-               **overrides) -> VisionTransformer:
+               **overrides) -> nn.Module:
     """The trained digits ViT, from this machine's cache (``$CORP_CACHE``, default
     ``~/.cache/corp``) or trained now (a few minutes on 2 cores) and cached.
+
+    ``overrides``: :data:`TRAIN_SETTINGS` and architecture options; ``family="swiglu_vit"`` or
+    ``"eva"`` gives the tiny gated-MLP ViT or rotary Eva of :data:`DIGITS_FAMILIES` instead.
 
     ``print_fn``: when given, training says that it trains, where it caches, and its progress per epoch.
     """
     from .io import load_pretrained, save_pretrained
 
     data = data or load_digits_data()
-    settings = {**TRAIN_SETTINGS, **{k: v for k, v in overrides.items() if k in TRAIN_SETTINGS}}
     arch = {k: v for k, v in overrides.items() if k not in TRAIN_SETTINGS}
-    path = _cache_dir() / f"digits_vit_{training_key(settings, arch)}"
+    family = _family(arch.get("family", "vit"))
+    settings = {**TRAIN_SETTINGS, **FAMILY_TRAIN_SETTINGS[family],
+                **{k: v for k, v in overrides.items() if k in TRAIN_SETTINGS}}
+    path = _cache_dir() / f"digits_{family}_{training_key(settings, arch)}"
     if cache and path.is_dir():
         try:
             return load_pretrained(path)
@@ -152,7 +194,7 @@ def digits_vit(data: Optional[DigitsData] = None, cache: bool = True, print_fn=N
                  + (f"first run: cached in {path}" if cache else "--no-cache: not cached") + ") ...")
         on_epoch = _epoch_printer(settings["epochs"], print_fn)
     threads = torch.get_num_threads()
-    torch.set_num_threads(TRAIN_THREADS)
+    torch.set_num_threads(FAMILY_TRAIN_THREADS[family])
     try:
         model = train_digits_vit(data, **settings, on_epoch=on_epoch, **arch)
     finally:

@@ -39,3 +39,12 @@ def tiny_vit(**overrides):
     cfg = dict(img_size=24, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7, mlp_ratio=3.0)
     cfg.update(overrides)
     return VisionTransformer(**cfg).eval()
+
+
+@pytest.fixture(scope="session", params=["swiglu_vit", "eva"])
+def digits_family_model(request, digits_data):
+    """``(family, model)``: the tiny gated-MLP ViT and the tiny rotary Eva of corp.demo.DIGITS_FAMILIES,
+    trained on digits once per machine and cached like the demo's ViT (about a minute each)."""
+    from corp.demo import digits_vit
+
+    return request.param, digits_vit(digits_data, cache=True, family=request.param)

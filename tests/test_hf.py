@@ -290,10 +290,99 @@ def test_vision_tower_prunes_compensates_and_round_trips(tmp_path, name):
         assert torch.equal(_vision_output(pruned, probe), _vision_output(loaded, probe))
 
 
-def test_dinov2_swiglu_refused():
-    model = _vision("Dinov2Model", use_swiglu_ffn=True)
-    with pytest.raises(ValueError, match="SwiGLU MLP .* not supported yet"):
-        corp.prune(model, torch.randn(2, 3, 16, 16), mlp_sparsity=0.5)
+def _randomise_dinov2_swiglu_(model):
+    """Unit-scale weights (HF's 0.02-std init makes every channel nearly linear) and layer scales of 0.5."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
+            elif "layer_scale" in name:
+                p.fill_(0.5)
+            elif not name.endswith("norm1.weight") and not name.endswith("norm2.weight"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_dinov2_swiglu_prunes_compensates_and_round_trips(tmp_path):
+    """DINOv2's SwiGLU MLP (fused [gate; up] weights_in): 50% of its hidden channels and of the q/k dims go;
+    the pruned model is a Dinov2Model with SwiGLU MLPs of half the width, compensation lowers every
+    layer's error on held-out images fed the dense input, and save/load is exact."""
+    model = _randomise_dinov2_swiglu_(_vision("Dinov2Model", seed=1, use_swiglu_ffn=True))
+    hidden = model.encoder.layer[0].mlp.weights_out.in_features
+    torch.manual_seed(2)
+    images, held_out = torch.randn(48, 3, 16, 16), torch.randn(12, 3, 16, 16)
+    kw = dict(mlp_sparsity=0.5, attn_sparsity=0.5, batch_size=16)
+    pruned = corp.prune(model, images, report_images=48, **kw)
+    plain = corp.prune(model, images, compensate=False, report_images=0, **kw)
+    assert type(pruned) is type(model)
+    adapter = adapter_for(pruned)
+    assert adapter.block_widths(pruned) == [{"mlp_hidden": hidden // 2, "qk_dim": 6}] * 2
+    for layer in pruned.encoder.layer:
+        assert type(layer.mlp).__name__ == "Dinov2SwiGLUFFN"
+        assert layer.mlp.weights_in.out_features == hidden and layer.mlp.weights_out.in_features == hidden // 2
+    assert corp.report.count_parameters(pruned) == sum(p.numel() for p in pruned.parameters())
+    assert corp.report.count_flops(pruned) < corp.report.count_flops(model)
+    with torch.no_grad():
+        x = adapter.embed(model, held_out)
+        for dense, comp, unc in zip(model.encoder.layer, pruned.encoder.layer, plain.encoder.layer):
+            ref = adapter.run_block(dense, x)
+            err_comp = (adapter.run_block(comp, x) - ref).norm()
+            err_plain = (adapter.run_block(unc, x) - ref).norm()
+            assert err_comp < err_plain, (float(err_comp), float(err_plain))
+            x = ref
+    for record in pruned.corp_report.blocks:
+        assert record.error_compensated < record.error_uncompensated
+    corp.save_pretrained(pruned, tmp_path / "m")
+    loaded = corp.load_pretrained(tmp_path / "m")
+    assert type(loaded) is type(model) and loaded.config.use_swiglu_ffn
+    probe = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(_vision_output(pruned, probe), _vision_output(loaded, probe))
+
+
+def test_dinov2_swiglu_statistics_read_the_gated_activation():
+    """The MLP statistics of a SwiGLU layer are those of silu(x1) ⊙ x2, computed here by hand."""
+    model = _vision("Dinov2Model", use_swiglu_ffn=True).double()
+    adapter = adapter_for(model)
+    images = torch.randn(5, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        x = adapter.embed(model, images)
+        block = adapter.blocks(model)[0]
+        first, _ = adapter.halves(block)
+        x1, x2 = block.mlp.weights_in(block.norm2(first(x))).chunk(2, dim=-1)
+        expected = (torch.nn.functional.silu(x1) * x2).reshape(-1, x1.shape[-1])
+        part = adapter.mlp(block)
+        stats = MLPStatistics(part.hidden, torch.device("cpu"))
+        states = HiddenStates("cpu", torch.device("cpu"))
+        states.append(x)
+        DenseStream(states, adapter, _NoRanks(), 0).begin(block, 0, {"mlp": stats}, {})
+    assert stats.count == expected.shape[0]
+    torch.testing.assert_close(stats.colsum, expected.sum(0), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(stats.gram, expected.T @ expected, rtol=1e-12, atol=1e-10)
+
+
+def test_dinov2_swiglu_fold_is_exact_when_pruned_channels_are_affine_in_the_kept_ones():
+    """Channels n..2n-1 are 3× copies of channels 0..n-1 (same gate row, up row × 3) in the one layer:
+    the compensated fold into weights_out reproduces the dense layer to rounding, plain pruning does not."""
+    model = _randomise_dinov2_swiglu_(_vision("Dinov2Model", use_swiglu_ffn=True, num_hidden_layers=1)).double()
+    mlp = model.encoder.layer[0].mlp
+    n = mlp.weights_out.in_features // 2
+    with torch.no_grad():
+        w, b = mlp.weights_in.weight, mlp.weights_in.bias  # rows [gate (2n) | up (2n)]
+        w[n:2 * n], b[n:2 * n] = w[:n], b[:n]
+        w[3 * n:], b[3 * n:] = 3 * w[2 * n:3 * n], 3 * b[2 * n:3 * n]
+    images = torch.randn(64, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        dense = model(pixel_values=images).last_hidden_state
+    kwargs = dict(mlp_sparsity=0.5, selection="residual", ridge=1e-12, method="paper")
+    pruned = corp.prune(model, images, **kwargs)
+    plain = corp.prune(model, images, compensate=False, **kwargs)
+    assert pruned.corp_report.blocks[0].mlp_hidden_after == n
+    with torch.no_grad():
+        err = lambda m: float((m(pixel_values=images).last_hidden_state - dense).norm() / dense.norm())  # noqa: E731
+        assert err(pruned) < 1e-7
+        assert err(plain) > 1e-2
 
 
 def test_vision_tower_input_errors():
@@ -437,3 +526,146 @@ def test_report_on_fewer_images_than_a_padded_batch(method):
     real = rows["attention_mask"].bool()
     ref = float((pruned_out - dense_out)[real].norm() / dense_out[real].norm())
     assert pruned.corp_report.blocks[0].error_compensated == pytest.approx(ref, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- DINOv3 (RoPE)
+
+
+def _dinov3(seed=0, gated=False, registers=2, **overrides):
+    """A tiny DINOv3ViTModel (4×4 patch grid, 2 register tokens, no key bias as DINOv3's default)
+    with unit-scale random weights, so that pruning is not trivially easy."""
+    torch.manual_seed(seed)
+    cfg = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, image_size=16,
+               patch_size=4, num_register_tokens=registers, layerscale_value=0.5, use_gated_mlp=gated,
+               hidden_act="silu" if gated else "gelu")
+    cfg.update(overrides)
+    model = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**cfg)).eval()
+    g = torch.Generator().manual_seed(seed + 10)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "embeddings" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
+            elif p.dim() == 1 and name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_dinov3_layers_run_as_the_model_runs_them():
+    """halves == the layer bit for bit, and the layers with the adapter's rotary embedding are the model."""
+    model = _dinov3()
+    adapter = adapter_for(model)
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        x = adapter.embed(model, images)
+        for block in adapter.blocks(model):
+            first, second = adapter.halves(block)
+            y = adapter.run_block(block, x)
+            assert torch.equal(second(first(x)), y)
+            x = y
+        assert torch.equal(model.norm(x), model(pixel_values=images).last_hidden_state)
+
+
+def test_half_split_rope_is_the_interleaved_rotation_in_pair_order():
+    """HF's rotate_half rotation, read in half_to_pairs order, is corp.rotary's interleaved rotation."""
+    from transformers.models.dinov3_vit.modeling_dinov3_vit import apply_rotary_pos_emb
+
+    from corp.models.hf import half_to_pairs
+    from corp.rotary import rotate_pairs
+
+    d = 12
+    order = half_to_pairs(d)
+    assert order.tolist() == [0, 6, 1, 7, 2, 8, 3, 9, 4, 10, 5, 11]
+    angles = torch.rand(5, d // 2, dtype=torch.float64) * 6
+    cos, sin = torch.cos(angles).repeat(1, 2), torch.sin(angles).repeat(1, 2)  # HF: the angles tiled twice
+    q = torch.randn(2, 3, 5, d, dtype=torch.float64)
+    hf_q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    torch.testing.assert_close(hf_q[..., order], rotate_pairs(q[..., order], sin[:, order], cos[:, order]),
+                               rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_dinov3_prunes_compensates_and_round_trips(tmp_path, gated):
+    model = _dinov3(seed=1, gated=gated)
+    torch.manual_seed(2)
+    images, held_out = torch.randn(48, 3, 16, 16), torch.randn(12, 3, 16, 16)
+    kw = dict(mlp_sparsity=0.5, attn_sparsity=0.5, batch_size=16)
+    pruned = corp.prune(model, images, report_images=48, **kw)
+    plain = corp.prune(model, images, compensate=False, report_images=0, **kw)
+    assert type(pruned) is type(model)
+    adapter = adapter_for(pruned)
+    assert adapter.block_widths(pruned) == [{"mlp_hidden": 48, "qk_dim": 6}] * 2
+    for layer in pruned.layer:
+        assert type(layer.mlp).__name__ == ("DINOv3ViTGatedMLP" if gated else "DINOv3ViTMLP")
+        assert layer.mlp.down_proj.in_features == 48
+        assert layer.attention.k_proj.bias is None  # no key bias, as the dense model
+    assert corp.report.count_parameters(pruned) == sum(p.numel() for p in pruned.parameters())
+    assert corp.report.count_flops(pruned) < corp.report.count_flops(model)
+    with torch.no_grad():
+        x = adapter.embed(model, held_out)
+        for dense, comp, unc in zip(model.layer, pruned.layer, plain.layer):
+            ref = adapter.run_block(dense, x)
+            err_comp = (adapter.run_block(comp, x) - ref).norm()
+            err_plain = (adapter.run_block(unc, x) - ref).norm()
+            assert err_comp < err_plain, (float(err_comp), float(err_plain))
+            x = ref
+    for record in pruned.corp_report.blocks:
+        assert record.error_compensated < record.error_uncompensated
+    corp.save_pretrained(pruned, tmp_path / "m")
+    loaded = corp.load_pretrained(tmp_path / "m")
+    assert type(loaded) is type(model)
+    probe = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(pruned(pixel_values=probe).last_hidden_state, loaded(pixel_values=probe).last_hidden_state)
+
+
+def test_dinov3_pruned_attention_is_the_fit_applied_after_the_rotation():
+    """Brute force with HF's own rotations: the pruned attention (A folded into the keys *before* its
+    rotation, kept pairs rotated by their dense angles) equals softmax(q̂_Sᵀ A k̂_S / √d) v through
+    o_proj, with q̂, k̂ the dense model's rotated queries and keys restricted to the kept dims and
+    A recovered from the pruned key weights. This holds only if A commutes with every rotation
+    (a scaled rotation per kept pair) and the kept dims turn by their own frequencies."""
+    from transformers.models.dinov3_vit.modeling_dinov3_vit import apply_rotary_pos_emb
+
+    model = _dinov3(seed=3).double()
+    adapter = adapter_for(model)
+    images = torch.randn(32, 3, 16, 16, dtype=torch.float64)
+    pruned = corp.prune(model, images, attn_sparsity=0.5, report_images=0)
+    dense_attn, attn = model.layer[0].attention, pruned.layer[0].attention
+    h, d, s = attn.num_heads, attn.head_dim, attn.qk_dim
+    with torch.no_grad():
+        x = model.layer[0].norm1(adapter.embed(model, images[:4]))
+        cos, sin = adapter.position_embeddings(model.layer[0], x)
+        b, n, _ = x.shape
+        q = dense_attn.q_proj(x).view(b, n, h, d).transpose(1, 2)
+        k = dense_attn.k_proj(x).view(b, n, h, d).transpose(1, 2)
+        v = dense_attn.v_proj(x).view(b, n, h, d).transpose(1, 2)
+        q_hat, k_hat = apply_rotary_pos_emb(q, k, cos, sin)
+        kept = attn.rope_dims  # (H, s): the dense dims kept, pairs adjacent
+        assert all(sorted(row.tolist()) == sorted({i % (d // 2) for i in row.tolist()} |
+                                                  {i % (d // 2) + d // 2 for i in row.tolist()}) for row in kept)
+        w_k = dense_attn.k_proj.weight.view(h, d, -1)
+        w_k_kept = torch.stack([w_k[i, kept[i]] for i in range(h)])  # (H, s, D)
+        a = attn.k_proj.weight.view(h, s, -1) @ torch.linalg.pinv(w_k_kept)  # (H, s, s): W_k' = A W_k[S]
+        torch.testing.assert_close(a @ w_k_kept, attn.k_proj.weight.view(h, s, -1), rtol=0, atol=1e-10)
+        assert (a - torch.eye(s, dtype=a.dtype)).abs().max() > 1e-3  # a real correction, not the identity
+        q_s = torch.stack([q_hat[:, i][..., kept[i]] for i in range(h)], dim=1)  # (B, H, T, s)
+        k_s = torch.stack([k_hat[:, i][..., kept[i]] for i in range(h)], dim=1)
+        logits = torch.einsum("bhts,hsr,bhur->bhtu", q_s, a, k_s) / d ** 0.5
+        reference = dense_attn.o_proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, h * d))
+        out, _ = attn(x, position_embeddings=(cos, sin))
+    torch.testing.assert_close(out, reference, rtol=1e-9, atol=1e-10)
+
+
+def test_unsupported_dinov3_modules_named_by_path():
+    model = _dinov3()
+    model.layer[1].mlp = torch.nn.Sequential(torch.nn.Linear(48, 48))
+    with pytest.raises(ValueError, match=r"'layer\.1\.mlp' \(Sequential\): only DINOv3ViTMLP and DINOv3ViTGatedMLP"):
+        corp.prune(model, torch.randn(2, 3, 16, 16), mlp_sparsity=0.5)
+    model = _dinov3()
+    model.layer[0].attention = torch.nn.Identity()
+    with pytest.raises(ValueError, match=r"'layer\.0\.attention' \(Identity\): only DINOv3ViTAttention"):
+        corp.prune(model, torch.randn(2, 3, 16, 16), mlp_sparsity=0.5)
+    dinov2 = _vision("Dinov2Model")
+    dinov2.encoder.layer[0].mlp = torch.nn.Sequential(torch.nn.Linear(48, 48))
+    with pytest.raises(ValueError, match=r"'encoder\.layer\.0\.mlp' \(Sequential\): only Dinov2MLP"):
+        corp.prune(dinov2, torch.randn(2, 3, 16, 16), mlp_sparsity=0.5)

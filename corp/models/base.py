@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["new_linear", "empty_linear", "ModelAdapter", "AttentionPart", "MlpPart", "AttentionWeights", "MlpWeights", "ConcatenatedOutputs",
-           "unsupported"]
+           "InputOf", "unsupported"]
 
 
 def new_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], like: nn.Linear) -> nn.Linear:
@@ -73,6 +73,24 @@ class ConcatenatedOutputs:
 
         handles = [m.register_forward_hook(collect(i)) for i, m in enumerate(self.modules)]
         return _Handles(handles, outputs)
+
+
+class InputOf:
+    """A hook site reporting what ``module`` *reads*: ``register_forward_hook(hook)`` calls
+    ``hook(self, None, x)`` with ``module``'s first input ``x`` before it runs (a forward pre-hook).
+
+    For MLPs whose hidden activation is computed inline, with no sub-module that outputs it
+    (HF ``Dinov2SwiGLUFFN``: ``silu(x1) * x2`` in its forward): the output projection's input
+    is that activation. A hook that raises stops the forward before ``module`` runs."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def register_forward_hook(self, hook):
+        def pre(_module, args):
+            hook(self, None, args[0])  # never returns a replacement input
+
+        return self.module.register_forward_pre_hook(pre)
 
 
 class _Handles:

@@ -1,5 +1,5 @@
-"""Adapters for Hugging Face ``transformers`` encoders: BERT-style text encoders and ViT, DINOv2,
-CLIP and SigLIP vision towers.
+"""Adapters for Hugging Face ``transformers`` encoders: BERT-style text encoders and ViT, DINOv2
+(MLP or SwiGLU), DINOv3 (rotary attention, MLP or gated MLP), CLIP and SigLIP vision towers.
 
 What differs from timm, and how it maps onto the adapter interface:
 
@@ -16,6 +16,9 @@ What differs from timm, and how it maps onto the adapter interface:
   ``block(x) == second(first(x))`` bit for bit.
 * **Padding** (text): calibration batches are tokenised dicts; :meth:`token_mask` is their
   ``attention_mask``; :meth:`run_block` turns it into HF's additive key mask for the layer.
+* **Rotary attention** (DINOv3): HF rotates half-split pairs ``(i, i + d/2)``; :class:`HFDinov3`
+  shows corp the q/k dims in interleaved pair order (:func:`half_to_pairs`), so :mod:`corp.rotary`'s
+  whole-pair selection and scaled-rotation fit apply unchanged; :class:`PrunedHFRotaryAttention`.
 * **Saving**: the HF config cannot describe per-layer widths, so :meth:`describe` keeps the
   model's class name and config dict, and :meth:`build` rebuilds the dense model from them
   (``_from_config``, no hub) and reshapes every layer to its saved widths.
@@ -32,12 +35,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import AttentionPart, AttentionWeights, ConcatenatedOutputs, MlpPart, MlpWeights, ModelAdapter, unsupported
+from ..rotary import rotate_pairs
+from .base import AttentionPart, AttentionWeights, ConcatenatedOutputs, InputOf, MlpPart, MlpWeights, ModelAdapter
+from .base import unsupported
 from .base import empty_linear as _empty_linear
 from .base import new_linear as _linear
 
-__all__ = ["PrunedHFAttention", "SplitMlp", "HFBert", "HFViT", "HFDinov2", "HFClipVision", "HFSiglipVision",
-           "HF_ADAPTERS"]
+__all__ = ["PrunedHFAttention", "PrunedHFRotaryAttention", "SplitMlp", "HFBert", "HFViT", "HFDinov2", "HFDinov3",
+           "HFClipVision", "HFSiglipVision", "HF_ADAPTERS", "half_to_pairs"]
 
 
 def _fp64(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -166,6 +171,88 @@ class SplitMlp(nn.Module):
         return self.dense(self.intermediate(x))
 
 
+def half_to_pairs(head_dim: int) -> torch.Tensor:
+    """``(d,)`` the dense dim at each position of the interleaved pair layout, for HF's half-split RoPE.
+
+    HF rotates with ``rotate_half``: dim ``i`` and dim ``i + d/2`` (``i < d/2``) turn together by the same
+    angle, ``out_i = x_i cos − x_{i+d/2} sin``, ``out_{i+d/2} = x_{i+d/2} cos + x_i sin``. Listing the
+    dims as ``[0, d/2, 1, d/2 + 1, …]`` puts each pair at positions ``2i, 2i+1``, where that rotation
+    is exactly the interleaved one :mod:`corp.rotary` prunes and fits."""
+    if head_dim % 2:
+        raise ValueError(f"rotary head_dim must be even, got {head_dim}")
+    half = head_dim // 2
+    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)
+
+
+class PrunedHFRotaryAttention(nn.Module):
+    """In place of ``DINOv3ViTAttention``: ``qk_dim`` of ``head_dim`` query/key dims per head, kept in
+    whole rotary pairs, values and ``o_proj`` as the dense module's.
+
+    The kept q/k dims are stored pairs adjacent (``2j, 2j+1``) and rotated in that interleaved layout;
+    ``rope_dims`` ``(H, qk_dim)`` names the dense (half-split) dim whose angle each kept dim turns by,
+    so HF's ``position_embeddings`` ``(cos, sin)``, each ``(T − prefix, head_dim)``, are gathered per
+    head. Prefix tokens (CLS, registers) are not rotated, as in HF. Logits are scaled by
+    ``qk_dim ** -0.5`` (CORP's fold keeps the dense temperature); q/k are zero-padded to
+    ``head_dim`` for the fused kernels. ``config``: the model's config, as HF attentions hold it
+    (the layer's rotary embedding is computed from it). Call signature and return as HF's:
+    ``forward(hidden_states (B, T, dim), attention_mask=None, position_embeddings=None)`` →
+    ``(output (B, T, dim), None)``.
+    """
+
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __init__(self, config, dim: int, num_heads: int, head_dim: int, qk_dim: int, biases: tuple[bool, ...],
+                 dropout: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        if qk_dim % 2 or head_dim % 2 or not 0 < qk_dim <= head_dim:
+            raise ValueError(f"qk_dim must be even and in [2, head_dim={head_dim}], got {qk_dim}")
+        dd = {"device": device, "dtype": dtype}
+        self.config = config
+        self.num_heads, self.head_dim, self.qk_dim, self.dropout = num_heads, head_dim, qk_dim, dropout
+        widths = (num_heads * qk_dim, num_heads * qk_dim, num_heads * head_dim)
+        for name, width, bias in zip(self.names[:3], widths, biases[:3]):
+            setattr(self, name, nn.Linear(dim, width, bias=bias, **dd))
+        self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=biases[3], **dd)
+        pairs = half_to_pairs(head_dim)[:qk_dim].to(device)
+        self.register_buffer("rope_dims", pairs.repeat(num_heads, 1))
+
+    def projections(self) -> tuple[nn.Linear, ...]:
+        return tuple(getattr(self, n) for n in self.names)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None, **kwargs):
+        if attention_mask is not None:
+            raise ValueError("a corp-pruned attention does not support head_mask / attention masks")
+        if position_embeddings is None:
+            raise ValueError("a rotary attention needs position_embeddings (cos, sin)")
+        b, n, _ = hidden_states.shape
+        h, s, d = self.num_heads, self.qk_dim, self.head_dim
+        q = self.q_proj(hidden_states).view(b, n, h, s).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(b, n, h, s).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(b, n, h, d).transpose(1, 2)
+        cos, sin = position_embeddings  # (T', d) each
+        cos, sin = cos[:, self.rope_dims].transpose(0, 1), sin[:, self.rope_dims].transpose(0, 1)  # (H, T', s)
+        q, k = _rotate_patches(q, sin, cos), _rotate_patches(k, sin, cos)
+        if s < d:
+            q, k = F.pad(q, (0, d - s)), F.pad(k, (0, d - s))
+        out = F.scaled_dot_product_attention(q, k, v, scale=s ** -0.5,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, h * d)), None
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, qk_dim={self.qk_dim}, head_dim={self.head_dim}"
+
+
+def _rotate_patches(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, H, T, s)`` in the interleaved pair layout, its last ``T'`` tokens rotated by
+    ``sin``/``cos`` (broadcastable to ``(B, H, T', s)``), the prefix tokens before them unchanged."""
+    prefix = x.shape[2] - sin.shape[-2]
+    return torch.cat([x[:, :, :prefix], rotate_pairs(x[:, :, prefix:], sin, cos).type_as(x)], dim=2)
+
+
+_PRUNED = (PrunedHFAttention, PrunedHFRotaryAttention)
+
+
 # --------------------------------------------------------------------------- the shared adapter
 
 
@@ -184,6 +271,8 @@ class _HFEncoder(ModelAdapter):
     projection_names: tuple[str, ...] = ("query", "key", "value")
     style = "vit"
     text = False
+    #: whether q, k and v may differ in having a bias (the pruned module then keeps each one's)
+    independent_qkv_biases = False
 
     # ---------------------------------------------------------------- family specifics
     def encoder(self, model: nn.Module) -> nn.Module:
@@ -203,7 +292,20 @@ class _HFEncoder(ModelAdapter):
     def mlp_module(self, block: nn.Module) -> nn.Module:
         return block.mlp
 
-    def hidden_site(self, block: nn.Module) -> nn.Module:
+    def mlp_hidden(self, block: nn.Module) -> int:
+        """D_h, the MLP's hidden channels (the output projection's columns)."""
+        return self.mlp_linears(block)[1].in_features
+
+    def mlp_input_rows(self, block: nn.Module) -> int:
+        """Input-projection rows per hidden channel (2 for a gated MLP: gate and up)."""
+        return 1
+
+    def mlp_weights(self, block: nn.Module) -> MlpWeights:
+        """The dense MLP's projections, fp64 (a plain MLP: ``mlp_linears``)."""
+        fc_in, fc_out = self.mlp_linears(block)
+        return MlpWeights(_fp64(fc_in.weight), _fp64(fc_in.bias), _fp64(fc_out.weight), _fp64(fc_out.bias))
+
+    def hidden_site(self, block: nn.Module):
         raise NotImplementedError
 
     def set_mlp(self, block: nn.Module, module: nn.Module) -> None:
@@ -261,14 +363,14 @@ class _HFEncoder(ModelAdapter):
         setattr(owner, self.attention_path[-1], module)
 
     def _heads(self, attn: nn.Module) -> tuple[int, int]:
-        if isinstance(attn, PrunedHFAttention):
+        if isinstance(attn, _PRUNED):
             return attn.num_heads, attn.head_dim
         heads = getattr(attn, "num_attention_heads", None) or attn.num_heads
         head_dim = getattr(attn, "attention_head_size", None) or attn.head_dim
         return heads, head_dim
 
     def _qk_width(self, attn: nn.Module) -> int:
-        return attn.qk_dim if isinstance(attn, PrunedHFAttention) else self._heads(attn)[1]
+        return attn.qk_dim if isinstance(attn, _PRUNED) else self._heads(attn)[1]
 
     def check_supported(self, model: nn.Module) -> None:
         import transformers
@@ -285,7 +387,7 @@ class _HFEncoder(ModelAdapter):
             path = f"{prefix}.{i}"
             attn = self._attention(block)
             apath = f"{path}." + ".".join(self.attention_path)
-            if isinstance(attn, PrunedHFAttention):
+            if isinstance(attn, _PRUNED):
                 raise unsupported(apath, attn, "this layer was already pruned by corp")
             if type(attn).__name__ not in self.attention_classes:
                 raise unsupported(apath, attn, f"only {', '.join(self.attention_classes)} are supported")
@@ -298,15 +400,15 @@ class _HFEncoder(ModelAdapter):
                 if p.out_features != heads * head_dim:
                     raise unsupported(f"{apath}.{name}", p, f"width {p.out_features} is not heads × head_dim "
                                       f"= {heads} × {head_dim} (pruned heads are not supported)")
-            if len({p.bias is not None for p in projections[:3]}) != 1:
+            if not self.independent_qkv_biases and len({p.bias is not None for p in projections[:3]}) != 1:
                 raise unsupported(apath, attn, "q, k and v must all have biases or none")
             scale = getattr(attn, "scaling", getattr(attn, "scale", head_dim ** -0.5))
             if not math.isclose(float(scale), head_dim ** -0.5, rel_tol=1e-6):
                 raise unsupported(apath, attn, f"logit scale {scale} is not head_dim ** -0.5")
+            self.check_layer(path, block)  # first: the family's MLP class, before its projections are read
             fc_in, fc_out = self.mlp_linears(block)
             if type(fc_in) is not nn.Linear or type(fc_out) is not nn.Linear:
                 raise unsupported(f"{path}", block, "the MLP projections must be nn.Linear")
-            self.check_layer(path, block)
 
     def _blocks_path(self, model: nn.Module) -> str:
         blocks = self.blocks(model)
@@ -388,10 +490,9 @@ class _HFEncoder(ModelAdapter):
         return new
 
     def mlp(self, block: nn.Module) -> MlpPart:
-        fc_in, fc_out = self.mlp_linears(block)
         return MlpPart(
-            module=self.mlp_module(block), hidden=fc_in.out_features, hidden_site=self.hidden_site(block),
-            weights=lambda: MlpWeights(_fp64(fc_in.weight), _fp64(fc_in.bias), _fp64(fc_out.weight), _fp64(fc_out.bias)),
+            module=self.mlp_module(block), hidden=self.mlp_hidden(block), hidden_site=self.hidden_site(block),
+            weights=lambda: self.mlp_weights(block),
             build=lambda kept, w_out, b_out: self.build_mlp(block, kept, w_out, b_out),
         )
 
@@ -407,14 +508,14 @@ class _HFEncoder(ModelAdapter):
             raise ValueError(f"unknown block part {part!r}")
 
     def widths(self, block: nn.Module) -> dict[str, int]:
-        return {"mlp_hidden": self.mlp_linears(block)[0].out_features, "qk_dim": self._qk_width(self._attention(block))}
+        return {"mlp_hidden": self.mlp_hidden(block), "qk_dim": self._qk_width(self._attention(block))}
 
     def reshape_block(self, block: nn.Module, widths: dict[str, int]) -> None:
-        if widths["mlp_hidden"] != self.mlp_linears(block)[0].out_features:
+        if widths["mlp_hidden"] != self.mlp_hidden(block):
             self.reshape_mlp(block, widths["mlp_hidden"])
         attn = self._attention(block)
         if widths["qk_dim"] != self._qk_width(attn):
-            if isinstance(attn, PrunedHFAttention):
+            if isinstance(attn, _PRUNED):
                 raise ValueError("cannot reshape an already pruned attention")
             self._set_attention(block, self._pruned_like(attn, widths["qk_dim"]))
 
@@ -445,9 +546,10 @@ class _HFEncoder(ModelAdapter):
             heads, head_dim = self._heads(attn)
             fc_in, _ = self.mlp_linears(block)
             q = getattr(attn, self.projection_names[0])
-            costs.append(dict(embed_dim=fc_in.in_features, mlp_hidden=fc_in.out_features, num_heads=heads,
+            costs.append(dict(embed_dim=fc_in.in_features, mlp_hidden=self.mlp_hidden(block), num_heads=heads,
                               head_dim=head_dim, qk_dim=self._qk_width(attn), tokens=tokens,
-                              qkv_bias=q.bias is not None, mlp_bias=fc_in.bias is not None))
+                              qkv_bias=q.bias is not None, mlp_bias=fc_in.bias is not None,
+                              mlp_input_rows=self.mlp_input_rows(block)))
         return costs
 
     def count_flops(self, model: nn.Module) -> int:
@@ -643,7 +745,14 @@ class HFViT(_SplitMlpFamily):
 
 
 class HFDinov2(_HFEncoder):
-    """``Dinov2Model`` / ``Dinov2ForImageClassification``: pre-norm layers with LayerScale; SwiGLU refused."""
+    """``Dinov2Model`` / ``Dinov2ForImageClassification``: pre-norm layers with LayerScale, and either
+    MLP: ``Dinov2MLP`` (fc1 → act → fc2) or the giant's ``Dinov2SwiGLUFFN`` (``use_swiglu_ffn``).
+
+    ``Dinov2SwiGLUFFN`` fuses gate and up into one Linear: ``x1, x2 = chunk(weights_in(x))``,
+    ``h = silu(x1) ⊙ x2``, ``out = weights_out(h)``. Hidden channel ``j`` is row ``j`` (gate) and
+    row ``D_h + j`` (up) of ``weights_in`` and column ``j`` of ``weights_out``; ``h`` is computed
+    inline, so the statistics read ``weights_out``'s input (:class:`~corp.models.base.InputOf`),
+    and the compensation folds into ``weights_out`` as into fc2."""
 
     name = "hf_dinov2"
     model_classes = ("Dinov2Model", "Dinov2ForImageClassification")
@@ -654,24 +763,57 @@ class HFDinov2(_HFEncoder):
     def encoder(self, model):
         return model if type(model).__name__ == "Dinov2Model" else model.dinov2
 
-    def check_supported(self, model):
-        if getattr(model.config, "use_swiglu_ffn", False):
-            raise unsupported("config.use_swiglu_ffn", model, "DINOv2's SwiGLU MLP (the giant) is not supported yet: "
-                              "gated MLPs need their own channel statistics (a gated-MLP interface is in progress)")
-        super().check_supported(model)
-
     def check_layer(self, path, block):
-        if type(block.mlp).__name__ != "Dinov2MLP":
-            raise unsupported(f"{path}.mlp", block.mlp, "only Dinov2MLP (fc1 → act → fc2) is supported")
+        if type(block.mlp).__name__ not in ("Dinov2MLP", "Dinov2SwiGLUFFN"):
+            raise unsupported(f"{path}.mlp", block.mlp, "only Dinov2MLP (fc1 → act → fc2) and Dinov2SwiGLUFFN "
+                              "are supported")
 
     def attention_input(self, block, x):
         return block.norm1(x)
 
+    @staticmethod
+    def _swiglu(block) -> bool:
+        return type(block.mlp).__name__ == "Dinov2SwiGLUFFN"
+
     def mlp_linears(self, block):
+        if self._swiglu(block):
+            return block.mlp.weights_in, block.mlp.weights_out
         return block.mlp.fc1, block.mlp.fc2
 
+    def mlp_input_rows(self, block):
+        return 2 if self._swiglu(block) else 1
+
+    def mlp_weights(self, block):
+        if not self._swiglu(block):
+            return super().mlp_weights(block)
+        w_in, w_out = self.mlp_linears(block)
+        d = w_out.in_features
+        w, b = _fp64(w_in.weight), _fp64(w_in.bias)
+        return MlpWeights(w[d:], b[d:] if b is not None else None, _fp64(w_out.weight), _fp64(w_out.bias),
+                          w_gate=w[:d], b_gate=b[:d] if b is not None else None)
+
     def hidden_site(self, block):
-        return block.mlp.activation
+        return InputOf(block.mlp.weights_out) if self._swiglu(block) else block.mlp.activation
+
+    def build_mlp(self, block, kept, w_out, b_out):
+        if not self._swiglu(block):
+            return super().build_mlp(block, kept, w_out, b_out)
+        mlp = block.mlp
+        new = copy.copy(mlp)
+        new._modules = dict(mlp._modules)
+        rows = torch.cat([kept, kept + self.mlp_hidden(block)])  # the same channels in the gate and up halves
+        w_in = mlp.weights_in
+        new.weights_in = _linear(w_in.weight.detach()[rows], w_in.bias.detach()[rows] if w_in.bias is not None else None,
+                                 w_in)
+        new.weights_out = _linear(w_out, b_out, mlp.weights_out)
+        return new
+
+    def reshape_mlp(self, block, hidden):
+        if not self._swiglu(block):
+            return super().reshape_mlp(block, hidden)
+        w_in, w_out = block.mlp.weights_in, block.mlp.weights_out
+        block.mlp.weights_in = _empty_linear(w_in.in_features, 2 * hidden, w_in)
+        block.mlp.weights_out = _empty_linear(hidden, w_out.out_features, w_out)
 
     def embed(self, model, batch):
         return self.encoder(model).embeddings(batch)
@@ -690,6 +832,203 @@ class HFDinov2(_HFEncoder):
             return block.drop_path(block.layer_scale2(block.mlp(block.norm2(y)))) + y
 
         return first, second
+
+
+class HFDinov3(_HFEncoder):
+    """``DINOv3ViTModel``: pre-norm layers with LayerScale, CLS and register tokens, rotary (RoPE)
+    attention with separate q/k/v and ``o_proj``, and a plain (``up_proj`` → act → ``down_proj``) or
+    gated (``act(gate_proj) ⊙ up_proj`` → ``down_proj``) MLP.
+
+    MLP hidden channels are pruned as for the other families (gated: a row of ``gate_proj`` and of
+    ``up_proj``), the statistics read ``down_proj``'s input. Query/key dims are pruned in whole rotary
+    pairs with the scaled-rotation logit fit of :mod:`corp.rotary`: HF rotates *half-split* pairs
+    ``(i, i + d/2)`` (``rotate_half``), so this adapter shows corp each head's q/k dims in the order
+    :func:`half_to_pairs` (the interleaved layout ``corp.rotary`` works in) and the pruned
+    :class:`PrunedHFRotaryAttention` keeps, per kept dim, the dense dim whose angle it turns by.
+    The rotary embedding is the model's (``rope_embeddings``), recomputed for a layer from its config.
+    """
+
+    name = "hf_dinov3"
+    model_classes = ("DINOv3ViTModel",)
+    attention_classes = ("DINOv3ViTAttention",)
+    attention_path = ("attention",)
+    part_path = ("attention",)
+    projection_names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    independent_qkv_biases = True  # DINOv3: no key bias by default
+
+    def encoder(self, model):
+        return model
+
+    def blocks(self, model):
+        return model.layer
+
+    def check_layer(self, path, block):
+        if type(block.mlp).__name__ not in ("DINOv3ViTMLP", "DINOv3ViTGatedMLP"):
+            raise unsupported(f"{path}.mlp", block.mlp, "only DINOv3ViTMLP and DINOv3ViTGatedMLP are supported")
+        if type(block).__name__ != "DINOv3ViTLayer":
+            raise unsupported(path, block, "only DINOv3ViTLayer is supported")
+
+    def check_supported(self, model):
+        super().check_supported(model)
+        cfg = model.config
+        if isinstance(cfg.image_size, (tuple, list)) and cfg.image_size[0] != cfg.image_size[1]:
+            raise unsupported("config.image_size", model, "only square images are supported")
+
+    def tokens(self, model):
+        cfg = model.config
+        return (cfg.image_size // cfg.patch_size) ** 2 + 1 + cfg.num_register_tokens
+
+    def attention_input(self, block, x):
+        return block.norm1(x)
+
+    @staticmethod
+    def _gated(block) -> bool:
+        return type(block.mlp).__name__ == "DINOv3ViTGatedMLP"
+
+    def mlp_linears(self, block):
+        return block.mlp.up_proj, block.mlp.down_proj
+
+    def mlp_input_rows(self, block):
+        return 2 if self._gated(block) else 1
+
+    def mlp_weights(self, block):
+        w = super().mlp_weights(block)
+        if self._gated(block):
+            w.w_gate, w.b_gate = _fp64(block.mlp.gate_proj.weight), _fp64(block.mlp.gate_proj.bias)
+        return w
+
+    def hidden_site(self, block):
+        return InputOf(block.mlp.down_proj)  # the gated product is computed inline
+
+    def _input_names(self, block) -> tuple[str, ...]:
+        return ("gate_proj", "up_proj") if self._gated(block) else ("up_proj",)
+
+    def build_mlp(self, block, kept, w_out, b_out):
+        mlp = block.mlp
+        new = copy.copy(mlp)
+        new._modules = dict(mlp._modules)
+        for name in self._input_names(block):
+            fc = getattr(mlp, name)
+            setattr(new, name, _linear(fc.weight.detach()[kept], fc.bias.detach()[kept] if fc.bias is not None else None,
+                                       fc))
+        new.down_proj = _linear(w_out, b_out, mlp.down_proj)
+        return new
+
+    def reshape_mlp(self, block, hidden):
+        for name in self._input_names(block):
+            fc = getattr(block.mlp, name)
+            setattr(block.mlp, name, _empty_linear(fc.in_features, hidden, fc))
+        block.mlp.down_proj = _empty_linear(hidden, block.mlp.down_proj.out_features, block.mlp.down_proj)
+
+    def embed(self, model, batch):
+        return model.embeddings(batch)
+
+    @staticmethod
+    def position_embeddings(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """HF's ``(cos, sin)``, each ``(T − prefix, head_dim)``, for a layer's input ``x`` ``(B, T, D)``
+        (eval mode: no coordinate augmentation), as ``DINOv3ViTModel.forward`` computes them."""
+        from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTRopePositionEmbedding
+
+        cfg = block.attention.config
+        grid = math.isqrt(x.shape[1] - 1 - cfg.num_register_tokens)
+        rope = DINOv3ViTRopePositionEmbedding(cfg).to(x.device).eval()
+        side = grid * cfg.patch_size
+        return rope(torch.empty(1, cfg.num_channels, side, side, device=x.device, dtype=x.dtype))
+
+    def run_block(self, block, x, mask=None):
+        if mask is not None:
+            raise ValueError("DINOv3 layers take no token mask")
+        return block(x, position_embeddings=self.position_embeddings(block, x))
+
+    def halves(self, block, mask=None):
+        # DINOv3ViTLayer.forward, split at its first residual
+        def first(x):
+            y, _ = block.attention(block.norm1(x), attention_mask=None,
+                                   position_embeddings=self.position_embeddings(block, x))
+            return block.drop_path(block.layer_scale1(y)) + x
+
+        def second(y):
+            return block.drop_path(block.layer_scale2(block.mlp(block.norm2(y)))) + y
+
+        return first, second
+
+    def _rotated_qkv(self, block, attn, normed: torch.Tensor) -> torch.Tensor:
+        """``(B, T, 3·H·d)`` [q | k | v] of the dense attention on its input, q and k after HF's rotary
+        embedding and each head's q/k dims in the :func:`half_to_pairs` order (v as is)."""
+        from transformers.models.dinov3_vit.modeling_dinov3_vit import apply_rotary_pos_emb
+
+        b, n, _ = normed.shape
+        h, d = attn.num_heads, attn.head_dim
+        q = attn.q_proj(normed).view(b, n, h, d).transpose(1, 2)
+        k = attn.k_proj(normed).view(b, n, h, d).transpose(1, 2)
+        cos, sin = self.position_embeddings(block, normed)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        order = half_to_pairs(d).to(normed.device)
+        q, k = q[..., order].transpose(1, 2), k[..., order].transpose(1, 2)
+        return torch.cat([q.reshape(b, n, h * d), k.reshape(b, n, h * d), attn.v_proj(normed)], dim=-1)
+
+    def attention(self, block):
+        attn = block.attention
+        heads, head_dim = self._heads(attn)
+        if isinstance(attn, _PRUNED):
+            return AttentionPart(module=attn, num_heads=heads, head_dim=head_dim, qkv_site=block.norm1,
+                                 qkv=_refused, weights=_refused, build=_refused, out_proj=attn.o_proj,
+                                 refusal="this attention was already pruned by corp")
+        order = half_to_pairs(head_dim)
+
+        def weights() -> AttentionWeights:
+            shape = (heads, head_dim, -1)
+
+            def rows(p, permute):
+                w = _fp64(p.weight).reshape(shape)
+                bias = _fp64(p.bias).reshape(heads, head_dim) if p.bias is not None else None
+                if permute:
+                    w, bias = w[:, order], (bias[:, order] if bias is not None else None)
+                return w, bias
+
+            (w_q, b_q), (w_k, b_k), (w_v, b_v) = rows(attn.q_proj, True), rows(attn.k_proj, True), rows(attn.v_proj, False)
+            return AttentionWeights(w_q, w_k, w_v, b_q, b_k, b_v)
+
+        return AttentionPart(
+            module=attn, num_heads=heads, head_dim=head_dim,
+            qkv_site=block.norm1,  # its output is the attention's input: q/k are rotated from it
+            qkv_from_site=lambda normed: self._rotated_qkv(block, attn, normed),
+            qkv=lambda x: self._rotated_qkv(block, attn, block.norm1(x)),
+            weights=weights, build=lambda w, qk_dim: self._build_attention(attn, w, qk_dim),
+            out_proj=attn.o_proj, rotary=True)
+
+    def _pruned_like(self, attn, qk_dim):
+        heads, head_dim = self._heads(attn)
+        ref = attn.q_proj.weight
+        return PrunedHFRotaryAttention(
+            attn.config, attn.q_proj.in_features, heads, head_dim, qk_dim,
+            biases=tuple(getattr(attn, n).bias is not None for n in self.projection_names),
+            dropout=float(attn.dropout), device=ref.device, dtype=ref.dtype)
+
+    def _build_attention(self, attn, w, qk_dim):
+        heads, head_dim = self._heads(attn)
+        new = self._pruned_like(attn, qk_dim)
+        with torch.no_grad():
+            for layer, weight, bias in zip(new.projections()[:3], (w.w_q, w.w_k, w.w_v), (w.b_q, w.b_k, w.b_v)):
+                layer.weight.copy_(weight.reshape(layer.out_features, -1))
+                if bias is not None:
+                    layer.bias.copy_(bias.reshape(-1))
+            new.o_proj.load_state_dict(attn.o_proj.state_dict())
+            kept = w.qk_dims if w.qk_dims is not None else torch.arange(qk_dim).repeat(heads, 1)
+            new.rope_dims.copy_(half_to_pairs(head_dim).to(kept.device)[kept])  # the dense dim of each kept one
+        new.train(attn.training)
+        return new
+
+    def count_flops(self, model):
+        flops = super().count_flops(model)
+        # the base counts tokens − 1 patches; CLS and the registers are not patches
+        pe = model.embeddings.patch_embeddings
+        return flops - 2 * model.config.num_register_tokens * pe.in_channels * pe.kernel_size[0] * pe.kernel_size[1] \
+            * pe.out_channels
+
+
+def _refused(*_args):
+    raise ValueError("corp does not prune this attention's query/key dims again (AttentionPart.refusal)")
 
 
 class _ClipLike(_HFEncoder):
@@ -773,4 +1112,4 @@ class HFSiglipVision(_ClipLike):
         return flops + 2 * pe.in_channels * pe.kernel_size[0] * pe.kernel_size[1] * pe.out_channels
 
 
-HF_ADAPTERS: tuple[type[ModelAdapter], ...] = (HFBert, HFViT, HFDinov2, HFClipVision, HFSiglipVision)
+HF_ADAPTERS: tuple[type[ModelAdapter], ...] = (HFBert, HFViT, HFDinov2, HFDinov3, HFClipVision, HFSiglipVision)
