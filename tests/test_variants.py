@@ -124,7 +124,7 @@ def test_softmax_aware_fits_prune_and_ignore_a_per_image_key_shift(logit_fit):
     outs = {}
     for name, m in (("base", model), ("shifted", shifted)):
         outs[name, logit_fit] = corp.prune(m, x, logit_fit=logit_fit, **kw)
-        outs[name, "pooled"] = corp.prune(m, x, logit_fit="pooled", **kw)
+        outs[name, "pooled"] = corp.prune(m, x, logit_fit="pooled", logit_solve="sylvester", **kw)
     with torch.no_grad():
         y = {key: m(x) for key, m in outs.items()}
         dense = model(x)
@@ -218,7 +218,7 @@ def test_lowrank_logit_fit_prunes_round_trips_and_beats_selected_dims_on_the_log
     x, held_out = _images(24, seed=1), _images(12, seed=2)
     kw = dict(mlp_sparsity=0.0, attn_sparsity=0.5, batch_size=8, report_images=8)
     low = corp.prune(model, x, logit_solve="lowrank", **kw)
-    sel = corp.prune(model, x, **kw)
+    sel = corp.prune(model, x, logit_solve="factored", **kw)
     assert low.corp_report.settings["logit_solve"] == "lowrank"
     heads, dim = model.blocks[0].attn.num_heads, model.blocks[0].attn.head_dim
 
