@@ -248,6 +248,18 @@ def _vision_output(model, images):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
+def _run_blocks_checking_halves(adapter, model, images):
+    """Run every block from the adapter's embedding, asserting its two halves are the block bit for bit;
+    returns the last block's output."""
+    x = adapter.embed(model, images)
+    for block in adapter.blocks(model):
+        first, second = adapter.halves(block)
+        y = adapter.run_block(block, x)
+        assert torch.equal(second(first(x)), y)
+        x = y
+    return x
+
+
 VISION = ["ViTModel", "ViTForImageClassification", "Dinov2Model", "CLIPVisionModel", "SiglipVisionModel"]
 
 
@@ -257,12 +269,7 @@ def test_vision_tower_halves_exact_and_blocks_are_the_model(name):
     adapter = adapter_for(model)
     images = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
-        x = adapter.embed(model, images)
-        for block in adapter.blocks(model):
-            first, second = adapter.halves(block)
-            y = adapter.run_block(block, x)
-            assert torch.equal(second(first(x)), y)
-            x = y
+        x = _run_blocks_checking_halves(adapter, model, images)
         captured = []  # what the model's own encoder (all layers) returns inside its forward
         handle = adapter.encoder(model).encoder.register_forward_hook(lambda m, i, out: captured.append(out[0]))
         model(pixel_values=images)
@@ -562,12 +569,7 @@ def test_dinov3_layers_run_as_the_model_runs_them():
     adapter = adapter_for(model)
     images = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
-        x = adapter.embed(model, images)
-        for block in adapter.blocks(model):
-            first, second = adapter.halves(block)
-            y = adapter.run_block(block, x)
-            assert torch.equal(second(first(x)), y)
-            x = y
+        x = _run_blocks_checking_halves(adapter, model, images)
         assert torch.equal(model.norm(x), model(pixel_values=images).last_hidden_state)
 
 
