@@ -97,7 +97,17 @@ def auto_mlp_step(width: int, keep: int) -> int:
 
 
 def _spd_inverse(matrix: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]:
-    """``(A + λI)⁻¹`` by Cholesky with corp's damping-retry ladder; returns the inverse and the λ used."""
+    """``(A + λI)⁻¹`` by Cholesky with corp's damping-retry ladder; returns the inverse and the λ used.
+
+    The first attempt factors in place, without the ladder's batched copies (0.04 s of a 0.2 s
+    inverse at D = 1536 on the 2-core CPU); only a failed factor goes down the ladder.
+    """
+    shifted = matrix.clone()
+    shifted.diagonal().add_(lam)
+    factor, info = torch.linalg.cholesky_ex(shifted)
+    if int(info) == 0 and bool(torch.isfinite(torch.diagonal(factor)).all()):
+        # a NaN anywhere in A's lower triangle reaches the diagonal of its row of the factor
+        return torch.cholesky_inverse(factor), lam
     factor, used, ok = cholesky_with_retries(matrix[None], torch.tensor([lam], dtype=matrix.dtype,
                                                                         device=matrix.device))
     if not bool(ok[0]):
@@ -110,45 +120,47 @@ def _mlp_greedy(
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Backward OBS elimination on ``J`` (module docstring) with absolute damping λ.
 
+    The current inverse ``Hinv = H_KK⁻¹`` is never formed: it is ``G − V Vᵀ`` on the kept rows
+    and columns, with ``G = H⁻¹`` (one inverse) and ``V`` (``D × removed``) the stacked factors of
+    the rank-``b`` downdates, ``Hinv_{·J} Lc⁻ᵀ`` with ``Lc Lcᵀ = Hinv_JJ``. A step reads ``V``
+    (at most ``D × (D − keep)``) instead of downdating the ``D × D`` inverse in place: at D = 1536,
+    keep 768, 64 steps on the 2-core CPU the steps took 0.09 s per block instead of 0.33 s (the
+    in-place downdate plus its compactions), and the one inverse (0.19 s) is now most of the cost.
+
     Returns the kept indices (unsorted), the removed blocks in order, and the
     predicted increase of ``J`` for each block, ``tr(W'_J Hinv_JJ⁻¹ W'_Jᵀ)`` (0-d tensors:
-    the loop never waits for the device, except to compact the inverse a few times).
+    the loop never waits for the device).
     """
     width = cov.shape[0]
-    hinv, _ = _spd_inverse(cov, damping)
+    g, _ = _spd_inverse(cov, damping)  # G = H⁻¹
     wp = w2.clone()  # W' = W2 H_{·K} H_KK⁻¹ = W2 for K = all channels
-    alive = torch.arange(width, device=cov.device)  # channel of each row/column of hinv
-    live = torch.ones(width, dtype=torch.bool, device=cov.device)  # rows/columns still in K
-    left = width
+    diag = torch.diagonal(g).clone()  # diag(Hinv) on the kept channels
+    factors = g.new_empty(width, width - keep)  # V: Hinv = G − V Vᵀ on K×K
+    live = torch.ones(width, dtype=torch.bool, device=cov.device)  # channels still in K
+    done, left = 0, width
     removed: list[torch.Tensor] = []
     increases: list[torch.Tensor] = []
     while left > keep:
         b = min(step, left - keep)
-        score = (wp * wp).sum(0) / torch.diagonal(hinv)  # single-drop increase of J for every kept channel
+        score = (wp * wp).sum(0) / diag  # single-drop increase of J for every kept channel
         score = score.masked_fill(~live, float("inf"))
         drop = torch.topk(score, b, largest=False, sorted=False).indices
-        c = hinv[drop[:, None], drop]  # (b, b) Hinv_JJ, SPD (principal block of an SPD inverse)
-        u = hinv[:, drop]  # (n, b) Hinv_{·J}
+        v = factors[:, :done]
+        u = g[:, drop].addmm_(v, v[drop].T, alpha=-1.0)  # (D, b) Hinv_{·J}: zero on removed rows
+        lc, _ = torch.linalg.cholesky_ex(u[drop])  # Hinv_JJ, a principal block of an SPD inverse: factors
+        vj = torch.linalg.solve_triangular(lc, u.T, upper=False).T  # (D, b) Hinv_{·J} Lc⁻ᵀ
         w_j = wp[:, drop]  # (out, b)
-        lc, _ = torch.linalg.cholesky_ex(c)  # a principal block of an SPD inverse factors: no check (no sync)
-        x = torch.cholesky_solve(u.T.contiguous(), lc)  # (b, n) Hinv_JJ⁻¹ Hinv_J·
-        increases.append((w_j * torch.cholesky_solve(w_j.T.contiguous(), lc).T).sum())
-        # Group OBS: re-optimise the survivors after removing the whole block, in place. Rows and
-        # columns of removed channels become (numerically) zero and are never read again: compacting
-        # the n×n inverse every step cost more memory traffic than the rank-b update itself.
+        x = torch.cholesky_solve(u.T.contiguous(), lc)  # (b, D) Hinv_JJ⁻¹ Hinv_J·
+        increases.append(torch.linalg.solve_triangular(lc, w_j.T, upper=False).square().sum())  # ‖W'_J Lc⁻ᵀ‖²
+        # Group OBS: re-optimise the survivors after removing the whole block
         wp.addmm_(w_j, x, alpha=-1.0)
-        hinv.addmm_(u, x, alpha=-1.0)
+        factors[:, done:done + b] = vj
+        diag -= (vj * vj).sum(1)
         live[drop] = False
-        removed.append(alive[drop])
+        removed.append(drop)
+        done += b
         left -= b
-        if left > keep and left < 0.75 * live.numel():  # compact once a quarter is dead
-            rest = live.nonzero()[:, 0]
-            hinv = hinv[rest[:, None], rest]
-            hinv = 0.5 * (hinv + hinv.T)  # re-symmetrise the downdated inverse
-            wp, alive = wp[:, rest].contiguous(), alive[rest]
-            live = torch.ones(rest.numel(), dtype=torch.bool, device=cov.device)
-    alive = alive[live]
-    return alive, removed, increases
+    return live.nonzero()[:, 0], removed, increases
 
 
 def select_mlp_channels_by_residual(

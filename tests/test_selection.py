@@ -114,6 +114,26 @@ def test_mlp_greedy_predicted_increase_is_exact(damping):
         prev_j = j
 
 
+@pytest.mark.parametrize("damping", [0.0, 0.02])
+def test_mlp_greedy_drops_the_brute_force_argmin_every_step(damping):
+    """step=1 on correlated channels: every channel the greedy drops is the one whose removal raises
+    J least, by J recomputed from scratch for every remaining candidate (fp64 solves)."""
+    _, h = _mlp_data(9, d_in=8, hidden=20, out=6, n=600)
+    w2 = torch.randn(6, 20, generator=torch.Generator().manual_seed(8), dtype=F64)
+    _, cov = _moments(h)
+    _, removed, _ = _mlp_greedy(cov, w2, 5, damping, 1)
+    gone: list[int] = []
+    for block in removed:
+        rest = [c for c in range(20) if c not in gone]
+        costs = {}
+        for c in rest:
+            pruned = torch.tensor(sorted(gone + [c]))
+            costs[c] = _mlp_ridge_objective(cov, w2, _complement(pruned, 20), pruned, damping)
+        best = min(costs.values())
+        assert costs[int(block)] <= best * (1 + 1e-9) + 1e-15
+        gone.append(int(block))
+
+
 def test_mlp_block_mode_equals_greedy_when_it_must():
     """Independent channels (diagonal Σ): dropping one never changes another's score, so blocks = greedy."""
     g = torch.Generator().manual_seed(4)
