@@ -9,10 +9,14 @@ Metrics on the test sentences, pruned vs dense mean-pooled (L2-normalised) embed
   sentence (by cosine) is the same under the pruned and the dense embeddings.
 
 Uniform MLP + attention (q/k) sparsity at each of ``--sparsities``; each variant is a set of
-``corp.prune`` keywords (VARIANTS). ``--budget`` adds rows at a parameter budget.
+``corp.prune`` keywords (VARIANTS). ``--budget corp,paper`` adds, for each listed variant, a row
+``budget <variant>``: the same keywords with ``budget=`` the fraction of the parameters that the
+uniform sparsity removes, so the model has the same parameter count as the uniform row's but
+per-block sparsities allocated by measured error (``corp.budget``).
 
     HF_HUB_OFFLINE=1 python benchmarks/real_model_ablation.py                # the default table
     HF_HUB_OFFLINE=1 python benchmarks/real_model_ablation.py --variants paper,corp --sparsities 0.5
+    HF_HUB_OFFLINE=1 python benchmarks/real_model_ablation.py --variants corp --budget corp --calib 1024
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import corp  # noqa: E402
+import corp.budget  # noqa: E402
 from minilm_cosine import docstring_sentences, load_minilm, mean_pooled  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -69,11 +74,14 @@ def main(argv=None) -> int:
     ap.add_argument("--calib", type=int, default=256, help="calibration sentences")
     ap.add_argument("--test", type=int, default=512, help="test sentences (disjoint from calibration)")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--budget", default="", help="comma list of variants to rerun at the uniform rows' "
+                                                  "parameter budget (non-uniform allocation)")
     ap.add_argument("--json", default="", help="write all numbers here")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
+    budgeted = [n for n in args.budget.split(",") if n]
+    unknown = [n for n in names + budgeted if n not in VARIANTS]
     if unknown:
         ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     model, tok = load_minilm()
@@ -94,12 +102,18 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} threads", flush=True)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     results: dict[str, dict[str, Any]] = {}
-    for name in names:
+    total = corp.budget.model_total(model)
+    rows = [(name, VARIANTS[name], None) for name in names] + [(f"budget {name}", VARIANTS[name], True)
+                                                               for name in budgeted]
+    for name, keywords, budget in rows:
         results[name] = {}
         for p in sparsities:
+            kw = dict(keywords, mlp_sparsity=p, attn_sparsity=p)
+            if budget:  # the uniform row's parameter count, allocated per block by measured error
+                kw = dict(keywords, budget=corp.budget.uniform_removed(model, p) / total)
             tick = time.perf_counter()
             try:
-                pruned = corp.prune(model, batches, mlp_sparsity=p, attn_sparsity=p, **VARIANTS[name])
+                pruned = corp.prune(model, batches, **kw)
             except Exception as exc:  # a variant the model family refuses: shown, the run goes on
                 results[name][p] = dict(error=str(exc).splitlines()[0])
                 print(f"  {name:<28} {p:.0%}: n/a ({results[name][p]['error']})", flush=True)
@@ -109,13 +123,14 @@ def main(argv=None) -> int:
             cos = (emb * dense).sum(-1)
             results[name][p] = dict(cosine=float(cos.mean()), min_cosine=float(cos.min()),
                                     nn=nn_agreement(emb, dense), seconds=seconds,
-                                    seconds_over_forward=seconds / forward)
+                                    seconds_over_forward=seconds / forward,
+                                    params=corp.budget.model_total(pruned) / total)
             r = results[name][p]
-            print(f"  {name:<28} {p:.0%}: cosine {r['cosine']:.4f}  nn {r['nn']:.3f}  "
+            print(f"  {name:<28} {p:.0%}: cosine {r['cosine']:.4f}  nn {r['nn']:.3f}  params {r['params']:.3f}  "
                   f"({seconds:.1f} s = {r['seconds_over_forward']:.1f}x a calibration forward)", flush=True)
     header = "| variant | " + " | ".join(f"{p:.0%} cosine / nn" for p in sparsities) + " |"
     print("\n" + header + "\n|---|" + "---|" * len(sparsities))
-    for name in names:
+    for name, _, _ in rows:
         cells = []
         for p in sparsities:
             r = results[name][p]

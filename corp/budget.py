@@ -104,14 +104,14 @@ def unit_costs(
     return {"mlp": mlp, "attn": attn}
 
 
-def removed_amount(width: int, sparsity: float, unit: int) -> int:
+def removed_amount(width: int, sparsity: float, unit: int, multiple: int = 1) -> int:
     """``unit`` × the number of units that pruning a fraction ``sparsity`` of ``width`` removes.
 
     ``width``: the MLP hidden width, or the query/key width per head; the count
-    uses :func:`corp.config.kept_count`, the pruner's own rounding, so the
-    amount is what the pruned model really saves.
+    uses :func:`corp.config.kept_count`, the pruner's own rounding (``multiple``: rotary q/k
+    keep whole pairs), so the amount is what the pruned model really saves.
     """
-    return (int(width) - kept_count(int(width), float(sparsity))) * int(unit)
+    return (int(width) - kept_count(int(width), float(sparsity), int(multiple))) * int(unit)
 
 
 def _block_info(model: nn.Module) -> list[dict]:
@@ -150,7 +150,8 @@ def cost_table(model: nn.Module, grid: torch.Tensor | Sequence[float], metric: s
                 if kept_count(width, p) < 1:
                     raise ValueError(f"grid sparsity {p} leaves no {what} of {width} in block {i}")
         rows_mlp.append([removed_amount(info["mlp_hidden"], p, units["mlp"]) for p in grid.tolist()])
-        rows_attn.append([removed_amount(info["qk_dim"], p, units["attn"]) for p in grid.tolist()])
+        rows_attn.append([removed_amount(info["qk_dim"], p, units["attn"], info.get("qk_multiple", 1))
+                          for p in grid.tolist()])
     return torch.tensor(rows_mlp + rows_attn, dtype=torch.float64).reshape(2 * len(infos), grid.numel())
 
 
@@ -397,7 +398,7 @@ def uniform_removed(model: nn.Module, sparsity: float, metric: str = "params", k
         if "mlp" in kinds:
             total += removed_amount(info["mlp_hidden"], sparsity, units["mlp"])
         if "attn" in kinds:
-            total += removed_amount(info["qk_dim"], sparsity, units["attn"])
+            total += removed_amount(info["qk_dim"], sparsity, units["attn"], info.get("qk_multiple", 1))
     return total
 
 

@@ -114,8 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prune", help="prune a model with unlabeled calibration images and save it",
-                       description="Prune a timm ViT with unlabeled calibration images and save it to --out. "
-                                   "Every argument, file and folder is checked before the model is loaded.",
+                       description="Prune a model (a timm name, a corp directory or a local Hugging Face directory) "
+                                   "with unlabeled calibration images (or, for text encoders, lines of a text file) "
+                                   "and save it to --out. A Hugging Face vision directory's images are "
+                                   "preprocessed as its preprocessor_config.json says (saved with the pruned "
+                                   "model). Every argument, file and folder is checked before the model is loaded.",
                        epilog=_FAMILIES_EPILOG, formatter_class=_HelpFormatter)
     _add_model_arguments(p)
     p.add_argument("--lazy", action="store_true",
@@ -374,10 +377,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                              f"calibration sample per line, not {args.calib}")
         check_text_file(args.calib)
         calib_files = []
-    elif is_hf_dir(args.model):
-        raise ValueError(f"--model {args.model} is a Hugging Face vision model: the CLI does not yet turn image "
-                         "files into its pixel_values; prune it from Python with corp.prune(model, pixel_values)")
-    else:
+    else:  # timm names, corp directories and Hugging Face vision directories (their image processor's settings)
         calib_files = list_image_files(args.calib)
     check_output_dir(args.out)
     if args.checkpoint_dir is not None:
@@ -412,7 +412,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         loader = _text_batches(args, rank, world)
     else:
         loader = calibration_loader(model, calib_files, args.calib_size, args.batch_size, args.workers, args.seed,
-                                    shard=(rank, world))
+                                    shard=(rank, world), directory=_model_dir(args.model))
     t = time.perf_counter()
     pruned = corp.prune(
         model,
@@ -450,7 +450,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             else:
                 _measure_throughput(args, model, pruned, loader, device, dtype)
         del model
-        out = corp.save_pretrained(pruned, args.out)
+        out = corp.save_pretrained(pruned, args.out, extra_files=_preprocessor_files(args.model))
         if args.report:
             pruned.corp_report.save_json(out / "report.json")
             pruned.corp_report.plot(out / "report.png")
@@ -462,6 +462,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def _model_dir(model: str):
+    """``--model`` when it is a directory (where a Hugging Face image processor config may lie)."""
+    return model if os.path.isdir(model) else None
+
+
+def _preprocessor_files(model: str) -> list:
+    """A Hugging Face image processor config beside ``--model``: saved with the pruned model, so
+    that ``corp eval`` on it preprocesses images as the dense model's processor does."""
+    from .data import PREPROCESSOR_NAME
+
+    path = os.path.join(model, PREPROCESSOR_NAME)
+    return [path] if os.path.isdir(model) and os.path.isfile(path) else []
 
 
 def _text_batches(args: argparse.Namespace, rank: int, world: int) -> list:
@@ -481,6 +495,8 @@ def _text_batches(args: argparse.Namespace, rank: int, world: int) -> list:
 def _check_classes(model, classes: list[str], data: str) -> None:
     """Refuse an ImageFolder with more classes than the model predicts; warn when it has fewer."""
     outputs = getattr(model, "num_classes", None)
+    if outputs is None and type(model).__name__.endswith("ForImageClassification"):  # Hugging Face
+        outputs = model.config.num_labels
     if not outputs:
         return
     k = len(classes)
@@ -510,11 +526,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = corp.load_model(args.model, checkpoint=args.checkpoint)
     _check_classes(model, classes, args.data)
     model.to(device).eval()
-    loader = eval_loader(model, args.data, args.batch_size, args.workers)
+    loader = eval_loader(model, args.data, args.batch_size, args.workers, directory=_model_dir(args.model))
     top1 = top5 = total = 0
     with torch.no_grad():
         for images, labels in _progress(loader, "corp: evaluating"):
             logits = model(images.to(device))
+            logits = getattr(logits, "logits", logits)  # Hugging Face classifiers return an output object
+            if not torch.is_tensor(logits):
+                raise ValueError(f"--model {args.model} ({type(model).__name__}) returns no class logits: corp eval "
+                                 "measures the top-1 of image classifiers (e.g. ViTForImageClassification)")
             labels = labels.to(device)
             k = min(5, logits.shape[-1])
             best = logits.topk(k, dim=-1).indices

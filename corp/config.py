@@ -90,9 +90,13 @@ METHODS = {
 Sparsity = Union[float, Sequence[float]]
 
 
-def kept_count(width: int, sparsity: float) -> int:
-    """Channels kept when a fraction ``sparsity`` of ``width`` is removed (rounded to nearest)."""
-    return width - int(round(sparsity * width))
+def kept_count(width: int, sparsity: float, multiple: int = 1) -> int:
+    """Channels kept when a fraction ``sparsity`` of ``width`` is removed (rounded to nearest);
+    with ``multiple`` (rotary q/k: 2, whole pairs), rounded up to a positive multiple of it."""
+    keep = width - int(round(sparsity * width))
+    if multiple > 1:
+        keep = multiple * max(1, -(-keep // multiple))
+    return keep
 
 
 def _sparsity(name: str, value: Sparsity) -> Union[float, tuple[float, ...]]:

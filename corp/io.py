@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -91,7 +91,8 @@ def load_hf_model(directory: str | os.PathLike) -> nn.Module:
     return cls.from_pretrained(str(directory), local_files_only=True).eval()
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
+def save_pretrained(model: nn.Module, directory: str | os.PathLike,
+                    extra_files: Sequence[str | os.PathLike] = ()) -> Path:
     """Write ``model`` (pruned or dense timm ViT) to ``directory``: weights and config.
 
     The directory is assembled under a temporary name beside its target and then
@@ -99,8 +100,15 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
     existing save is replaced only once the new one is complete. A non-empty
     directory that is not a corp save is never overwritten.
 
+    ``extra_files``: files copied in beside the weights, in the same atomic save (e.g. a
+    Hugging Face ``preprocessor_config.json``); their names must not be corp's own.
+
     Returns the directory path.
     """
+    extra = [Path(f) for f in extra_files]
+    for f in extra:
+        if f.name in (WEIGHTS_NAME, CONFIG_NAME) or not f.is_file():
+            raise ValueError(f"extra file {f} is not a file, or would replace corp's own {f.name}")
     target = Path(directory)
     config = _model_config(model)
     # Rebuild the skeleton now: a config that cannot reproduce the model fails here, not at load time.
@@ -120,7 +128,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
         with open(tmp / WEIGHTS_NAME, "rb+") as f:
             os.fsync(f.fileno())
         _fsync_write(tmp / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
+        for f in extra:
+            _fsync_write(tmp / f.name, f.read_bytes())
+        for name in (WEIGHTS_NAME, CONFIG_NAME, *(f.name for f in extra)):
             apply_umask(tmp / name)
         apply_umask(tmp, directory=True)  # mkdtemp made it 0700
         if target.exists():

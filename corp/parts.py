@@ -96,11 +96,10 @@ class AttentionPruner:
     def prune(self, adapter, block: nn.Module, stats: AttentionStatistics, sparsity: float,
               ctx: FitContext) -> PrunedPart:
         part = adapter.attention(block)
-        keep = kept_count(part.head_dim, sparsity)
+        keep = kept_count(part.head_dim, sparsity, 2 if part.rotary else 1)
         tick = time.perf_counter()
         fit = self.fit
         if part.rotary:  # whole rotary pairs, a fit that commutes with the rotations (corp.rotary)
-            keep = 2 * max(1, (keep + 1) // 2)
             kept, pruned = select_rotary_pairs(stats.score, keep // 2)
             fit = self.rotary_fit
         else:

@@ -110,3 +110,91 @@ def test_prune_with_variants_and_budget_matches_the_api(folders):
     for k, v in api.state_dict().items():
         torch.testing.assert_close(pruned.state_dict()[k], v)
     assert corp.report.count_parameters(pruned) <= 0.7 * corp.report.count_parameters(dense)
+
+
+# --------------------------------------------------------------------------- Hugging Face vision directories
+
+
+def _hf_vision_dir(root, processor):
+    """A tiny HF ViTForImageClassification (3 labels, 16×16 images) saved with ``processor``'s config,
+    and 3 class folders of non-square images."""
+    transformers = pytest.importorskip("transformers")
+    rng = np.random.default_rng(1)
+    for cls in ("a", "b", "c"):
+        (root / "imgs" / cls).mkdir(parents=True)
+        for i in range(4):
+            size = (22 + 4 * i, 30)  # (height, width): the shortest-edge resize and the centre crop matter
+            Image.fromarray(rng.integers(0, 255, size=(*size, 3), dtype=np.uint8)).save(root / "imgs" / cls / f"{i}.png")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                                 image_size=16, patch_size=4, num_labels=3)
+    model = transformers.ViTForImageClassification(cfg).eval()
+    model.save_pretrained(root / "hf")
+    if processor is not None:
+        processor.save_pretrained(root / "hf")
+    return model
+
+
+def _processors():
+    transformers = pytest.importorskip("transformers")
+    return {"vit": transformers.ViTImageProcessor(size={"height": 16, "width": 16}),
+            "clip": transformers.CLIPImageProcessor(size={"shortest_edge": 18}, crop_size={"height": 16, "width": 16}),
+            "bit": transformers.BitImageProcessor(size={"shortest_edge": 20}, crop_size={"height": 16, "width": 16},
+                                                  image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])}
+
+
+@pytest.mark.parametrize("kind", ["vit", "clip", "bit"])
+def test_hf_vision_directory_prunes_from_image_files_as_its_processor_preprocesses(tmp_path, capsys, kind):
+    """--model an HF vision directory, --calib image files: the CLI's pixels are the HF image processor's
+    own (bit for bit), the pruned model is the API's on those pixels, the processor config is saved with
+    it, and corp eval reads the HF classifier's logits."""
+    processor = _processors()[kind]
+    _hf_vision_dir(tmp_path, processor)
+    from corp.paths import list_image_files
+
+    files = list_image_files(tmp_path / "imgs")
+    dense = corp.load_model(str(tmp_path / "hf"))
+    pixels = next(iter(calibration_loader(dense, files, None, len(files), 0, directory=tmp_path / "hf")))
+    reference = processor([Image.open(f).convert("RGB") for f in files], return_tensors="pt").pixel_values
+    assert torch.equal(pixels, reference)
+
+    out = tmp_path / "pruned"
+    rc = main(["prune", "--model", str(tmp_path / "hf"), "--calib", str(tmp_path / "imgs"), "--mlp-sparsity", "0.5",
+               "--attn-sparsity", "0.5", "--out", str(out), "--workers", "0", "--batch-size", "5"])
+    assert rc == 0
+    pruned = corp.load_pretrained(out)
+    assert type(pruned).__name__ == "ViTForImageClassification"
+    assert pruned.vit.encoder.layer[0].intermediate.dense.out_features == 48
+    api = corp.prune(dense, [reference[i:i + 5] for i in range(0, len(files), 5)], mlp_sparsity=0.5,
+                     attn_sparsity=0.5, batch_size=5)
+    for k, v in api.state_dict().items():
+        torch.testing.assert_close(pruned.state_dict()[k], v)
+    assert (out / "preprocessor_config.json").read_bytes() == (tmp_path / "hf" / "preprocessor_config.json").read_bytes()
+
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--data", str(tmp_path / "imgs"), "--workers", "0"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    with torch.no_grad():
+        labels = torch.tensor([i // 4 for i in range(len(files))])
+        top1 = 100.0 * float((pruned(reference).logits.argmax(-1) == labels).double().mean())
+    assert result["images"] == 12 and result["classes"] == 3
+    assert result["top1"] == pytest.approx(top1)
+
+
+def test_hf_vision_directory_without_a_processor_config_warns_and_uses_the_config_size(tmp_path):
+    model = _hf_vision_dir(tmp_path, None)
+    with pytest.warns(UserWarning, match=r"no preprocessor_config\.json.*image_size \(16, 16\).*vit defaults"):
+        cfg = corp.data.data_config(model, tmp_path / "hf")
+    assert cfg["input_size"] == (3, 16, 16) and cfg["mean"] == (0.5, 0.5, 0.5)
+    assert cfg["hf_resize"] == (16, 16) and cfg["hf_crop"] is None
+
+
+def test_eval_refuses_an_hf_model_without_logits(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    _hf_vision_dir(tmp_path, _processors()["vit"])
+    cfg = transformers.ViTConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96,
+                                 image_size=16, patch_size=4)
+    transformers.ViTModel(cfg).save_pretrained(tmp_path / "backbone")
+    rc = main(["eval", "--model", str(tmp_path / "backbone"), "--data", str(tmp_path / "imgs"), "--workers", "0"])
+    assert rc != 0
+    assert "returns no class logits" in capsys.readouterr().err

@@ -82,3 +82,15 @@ def test_the_presets_lowrank_solve_gives_way_to_fits_it_does_not_apply_to():
     assert PruneConfig.create().logit_solve == "lowrank"
     assert PruneConfig.create(logit_fit="per_image").logit_solve == "sylvester"
     assert PruneConfig.create(target="dense").logit_solve == "sylvester"
+
+
+def test_kept_count_in_whole_pairs_rounds_up_to_a_positive_even_width():
+    """Rotary q/k keep whole pairs: the plain count rounded up to a multiple of 2, never 0; the budget's
+    cost model and the pruner both count this way (tests/test_hf.py checks the budget is met)."""
+    from corp.config import kept_count
+
+    for width in (8, 12, 16, 64, 80):
+        for sparsity in (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99):
+            plain, paired = kept_count(width, sparsity), kept_count(width, sparsity, 2)
+            assert paired % 2 == 0 and paired >= max(2, plain) and paired - plain <= 1 + (plain == 0)
+    assert kept_count(12, 0.6) == 5 and kept_count(12, 0.6, 2) == 6 and kept_count(16, 0.99, 2) == 2

@@ -668,3 +668,32 @@ def test_unsupported_dinov3_modules_named_by_path():
     dinov2.encoder.layer[0].mlp = torch.nn.Sequential(torch.nn.Linear(48, 48))
     with pytest.raises(ValueError, match=r"'encoder\.layer\.0\.mlp' \(Sequential\): only Dinov2MLP"):
         corp.prune(dinov2, torch.randn(2, 3, 16, 16), mlp_sparsity=0.5)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_dinov3_budget_allocates_whole_rotary_pairs_and_round_trips(tmp_path, gated):
+    """A parameter budget on DINOv3 (per-block widths by measured error): the budget is met, every head
+    keeps whole rotary pairs (an even q/k width, the same dims' frequencies in q and k), and the
+    non-uniform model saves, reloads and runs exactly."""
+    model = _dinov3(seed=4, gated=gated, num_hidden_layers=3)
+    torch.manual_seed(5)
+    images = torch.randn(32, 3, 16, 16)
+    before = corp.report.count_parameters(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fewer calibration tokens than channels in this tiny model
+        pruned = corp.prune(model, images, budget=0.3, batch_size=16)
+    assert corp.report.count_parameters(pruned) <= 0.7 * before
+    assert pruned.corp_report.allocation is not None
+    d = model.config.hidden_size // model.config.num_attention_heads
+    for layer in pruned.layer:
+        attn = layer.attention
+        assert attn.qk_dim % 2 == 0 if hasattr(attn, "qk_dim") else True
+        if hasattr(attn, "rope_dims"):
+            for row in attn.rope_dims.tolist():  # pairs (i, i + d/2) of the half-split layout
+                assert sorted(row) == sorted({i % (d // 2) for i in row} | {i % (d // 2) + d // 2 for i in row})
+    corp.save_pretrained(pruned, tmp_path / "m")
+    loaded = corp.load_pretrained(tmp_path / "m")
+    assert adapter_for(loaded).block_widths(loaded) == adapter_for(pruned).block_widths(pruned)
+    probe = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(pruned(pixel_values=probe).last_hidden_state, loaded(pixel_values=probe).last_hidden_state)

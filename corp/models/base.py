@@ -295,6 +295,7 @@ class ModelAdapter:
     def block_costs(self, model: nn.Module) -> list[dict[str, Any]]:
         """Per block: ``embed_dim, mlp_hidden, num_heads, head_dim, qk_dim, tokens, qkv_bias, mlp_bias``
         and optionally ``mlp_input_rows`` (input-projection rows per hidden channel: 2 for gated MLPs,
+        default 1) and ``qk_multiple`` (q/k dims are kept in multiples of it: 2 for rotary pairs,
         default 1), what :mod:`corp.budget`'s cost model needs."""
         raise NotImplementedError
 

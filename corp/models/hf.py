@@ -549,7 +549,8 @@ class _HFEncoder(ModelAdapter):
             costs.append(dict(embed_dim=fc_in.in_features, mlp_hidden=self.mlp_hidden(block), num_heads=heads,
                               head_dim=head_dim, qk_dim=self._qk_width(attn), tokens=tokens,
                               qkv_bias=q.bias is not None, mlp_bias=fc_in.bias is not None,
-                              mlp_input_rows=self.mlp_input_rows(block)))
+                              mlp_input_rows=self.mlp_input_rows(block),
+                              qk_multiple=2 if self.attention(block).rotary else 1))
         return costs
 
     def count_flops(self, model: nn.Module) -> int:

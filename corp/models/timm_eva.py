@@ -422,7 +422,8 @@ class TimmEva(ModelAdapter):
             kind = mlp_kind("mlp", mlp)
             costs.append(dict(embed_dim=mlp.fc2.out_features, mlp_hidden=kind.hidden(mlp), num_heads=attn.num_heads,
                               head_dim=attn.head_dim, qk_dim=_qk_width(attn), tokens=tokens, qkv_bias=_qkv_bias(attn),
-                              mlp_bias=kind.has_bias(mlp), mlp_input_rows=kind.input_rows))
+                              mlp_bias=kind.has_bias(mlp), mlp_input_rows=kind.input_rows,
+                              qk_multiple=2 if self.attention(block).rotary else 1))
         return costs
 
     def count_flops(self, model: nn.Module) -> int:
