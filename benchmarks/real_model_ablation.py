@@ -54,6 +54,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "corp factored fit": dict(method="corp", logit_solve="factored"),
     "corp lowrank": dict(method="corp", logit_solve="lowrank"),
     "corp lowrank ridge 1e-2": dict(method="corp", logit_solve="lowrank", ridge=1e-2),
+    # one part pruned at a time (the other's sparsity 0): which part limits the default
+    "corp mlp only": dict(method="corp", attn_sparsity=0.0),
+    "corp attn only": dict(method="corp", mlp_sparsity=0.0),
 }
 DEFAULT_VARIANTS = "uncompensated,paper,corp,corp+outfit"
 
@@ -108,7 +111,7 @@ def main(argv=None) -> int:
     for name, keywords, budget in rows:
         results[name] = {}
         for p in sparsities:
-            kw = dict(keywords, mlp_sparsity=p, attn_sparsity=p)
+            kw = dict(dict(mlp_sparsity=p, attn_sparsity=p), **keywords)  # a variant may fix one part's
             if budget:  # the uniform row's parameter count, allocated per block by measured error
                 kw = dict(keywords, budget=corp.budget.uniform_removed(model, p) / total)
             tick = time.perf_counter()

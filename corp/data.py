@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["data_config", "hf_data_config", "HFImageTransform", "image_transform", "ImageFiles", "calibration_loader", "eval_loader", "IMAGE_EXTENSIONS",
-           "list_image_files", "image_folder_classes"]
+__all__ = ["data_config", "hf_data_config", "HFImageTransform", "image_transform", "ImageFiles",
+           "calibration_loader", "eval_loader", "IMAGE_EXTENSIONS", "list_image_files", "image_folder_classes"]
 
 from .paths import IMAGE_EXTENSIONS, image_folder_classes, list_image_files  # noqa: F401 - re-exported
 
@@ -197,5 +197,6 @@ def eval_loader(model: nn.Module, root: str, batch_size: int, workers: int,
 
     cfg = data_config(model, directory)
     channels = cfg["input_size"][0]
-    dataset = ImageFolder(root, transform=image_transform(model, cfg=cfg), loader=lambda p: _load_image(Path(p), channels))
+    dataset = ImageFolder(root, transform=image_transform(model, cfg=cfg),
+                          loader=lambda p: _load_image(Path(p), channels))
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
