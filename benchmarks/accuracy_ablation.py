@@ -108,6 +108,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "corp-lowrank": ("corp-lowrank", dict(method="corp", logit_solve="lowrank")),
     "corp-lowrank+outfit": ("corp-lowrank+outfit", dict(method="corp", logit_solve="lowrank", attn_output_fit=True)),
     "paper+outfit": ("paper+outfit", dict(PAPER, attn_output_fit=True)),
+    # MLP statistics weighted per token by 1/σ_t² of the sum the MLP output joins
+    "corp-token-weighted": ("corp-token-weighted", dict(method="corp", mlp_token_weights=True)),
 }
 
 # name -> (label, kwargs without the budget; "uniform": prune at the same-budget uniform sparsity instead)
@@ -124,6 +126,8 @@ BUDGET_VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "budget-corp+outfit": ("corp+outfit + budget", dict(method="corp", attn_output_fit=True), False),
     "budget-corp-lowrank": ("corp-lowrank + budget", dict(method="corp", logit_solve="lowrank"), False),
     "budget-corp-factored-fit": ("corp-factored-fit + budget", dict(method="corp", logit_solve="factored"), False),
+    "budget-corp-token-weighted": ("corp-token-weighted + budget", dict(method="corp", mlp_token_weights=True),
+                                   False),
 }
 
 QUICK_CALIB = 32

@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-output-fit", action="store_true", default=None,
                    help="after pruning q/k dims, refit each attention's output projection to the dense "
                         "attention's output (one more attention pass per block); " + _per_method("attn_output_fit"))
+    p.add_argument("--mlp-token-weights", action="store_true",
+                   help="weight each token's MLP statistics by 1/variance of the sum the MLP output joins (what "
+                        "the next LayerNorm divides by); off by default")
     p.add_argument("--budget", type=_fraction, default=None, metavar="F",
                    help="instead of sparsities: remove this fraction of parameters (or FLOPs) with per-block "
                         "sparsities chosen by measured error")
@@ -328,7 +331,7 @@ def _prune_config(args: argparse.Namespace):
     config = PruneConfig.create(
         method=args.method, propagate=args.propagate, target=args.target, logit_fit=args.logit_fit,
         selection=args.selection, logit_solve=args.logit_solve, attn_output_fit=args.attn_output_fit,
-        mlp_sparsity=args.mlp_sparsity,
+        mlp_token_weights=args.mlp_token_weights, mlp_sparsity=args.mlp_sparsity,
         attn_sparsity=args.attn_sparsity, compensate=not args.no_compensate, budget=args.budget,
         budget_metric=args.budget_metric, ridge=args.ridge, attn_ridge=args.attn_ridge,
         batch_size=args.batch_size, backend=args.backend, states=args.states,
@@ -427,6 +430,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         selection=args.selection,
         logit_solve=args.logit_solve,
         attn_output_fit=args.attn_output_fit,
+        mlp_token_weights=args.mlp_token_weights,
         budget=args.budget,
         budget_metric=args.budget_metric,
         ridge=args.ridge,

@@ -141,6 +141,7 @@ class PruneConfig:
     logit_solve: str = METHODS["corp"]["logit_solve"]
     selection: str = METHODS["corp"]["selection"]
     attn_output_fit: bool = METHODS["corp"]["attn_output_fit"]
+    mlp_token_weights: bool = False
     budget: Optional[float] = None
     budget_metric: str = "params"
     ridge: float = DEFAULT_MLP_RIDGE
@@ -199,6 +200,11 @@ class PruneConfig:
             raise ValueError("target='dense' (error-correcting fits) needs propagate='pruned'")
         if self.target == "dense" and self.logit_fit == "per_image":
             raise ValueError("logit_fit='per_image' cannot be combined with target='dense'; use 'centred' or 'pooled'")
+        if not isinstance(self.mlp_token_weights, bool):
+            raise TypeError(f"mlp_token_weights must be True or False, got {self.mlp_token_weights!r}")
+        if self.mlp_token_weights and self.target == "dense":
+            raise ValueError("mlp_token_weights=True cannot be combined with target='dense' (its cross statistics "
+                             "with the dense stream are not weighted); use target='local'")
         if self.budget is not None:
             b = self.budget
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 < b < 1.0:

@@ -52,6 +52,7 @@ def prune(
     selection: Optional[str] = None,
     logit_solve: Optional[str] = None,
     attn_output_fit: Optional[bool] = None,
+    mlp_token_weights: bool = False,
     budget: Optional[float] = None,
     budget_metric: str = "params",
     ridge: float = DEFAULT_MLP_RIDGE,
@@ -110,6 +111,13 @@ def prune(
             so that the pruned attention reproduces the dense attention's output on the same
             inputs (:class:`corp.fit.AttentionOutputFit`; one more pass through the dense and the
             pruned attention per block). None: the method's preset (off for both).
+        mlp_token_weights: weight each token's MLP statistics (covariance and mean) by ``1/σ_t²``,
+            ``σ_t²`` the variance over channels of the sum the MLP's output is added into (the
+            block output, or a post-norm block's output LayerNorm input; ``MlpPart.joins``): the
+            next normalisation divides that token's error by ``σ_t``, so the fit and the selection
+            then minimise the error as the normalised stream sees it. Costs the dense MLP's output
+            projection once more per block in the statistics pass. Not with ``target="dense"``;
+            the budget's error curves stay unweighted.
         budget: remove this fraction of the model's parameters (or FLOPs, see
             ``budget_metric``) with per-block sparsities allocated by each block's
             measured compensated error (:mod:`corp.budget`); a first pass
@@ -155,7 +163,8 @@ def prune(
     start = time.perf_counter()
     config = PruneConfig.create(
         method=method, propagate=propagate, target=target, logit_fit=logit_fit, selection=selection,
-        logit_solve=logit_solve, attn_output_fit=attn_output_fit, mlp_sparsity=mlp_sparsity, attn_sparsity=attn_sparsity, compensate=compensate,
+        logit_solve=logit_solve, attn_output_fit=attn_output_fit, mlp_token_weights=mlp_token_weights,
+        mlp_sparsity=mlp_sparsity, attn_sparsity=attn_sparsity, compensate=compensate,
         budget=budget, budget_metric=budget_metric, ridge=ridge, attn_ridge=attn_ridge, batch_size=batch_size,
         max_images=max_images, backend=backend, states=states, report_images=report_images,
     )
@@ -292,10 +301,10 @@ class _Run:
                                      masks=self.masks)
         elif config.propagate == "pruned":
             self.stream = PrunedStream(states, adapter, dp, report_batches, report_images=config.report_images,
-                                       masks=self.masks)
+                                       masks=self.masks, token_weights=config.mlp_token_weights)
         else:
             self.stream = DenseStream(states, adapter, dp, report_batches, report_images=config.report_images,
-                                      masks=self.masks)
+                                      masks=self.masks, token_weights=config.mlp_token_weights)
 
     def _token_masks(self, batches) -> Optional[list]:
         """The token masks of every batch (None when no batch has padding information)."""

@@ -125,6 +125,10 @@ class MLPStatistics(_Statistics):
     ``full=False`` keeps only ``Σ h²`` (all that energy selection without
     compensation needs), skipping the O(D_h²) Gram work. ``cross=True`` also
     accumulates the dense stream's ``Σ h`` and ``Σ h ĥᵀ`` (:meth:`update` then takes both).
+
+    Token weights (``update(..., weights=w)``, ``mlp_token_weights``) make every sum a weighted
+    one, ``Σ w``, ``Σ w h``, ``Σ w h hᵀ``: the mean and covariance are then those of the tokens
+    weighted by ``w``; ``count`` stays the number of tokens.
     """
 
     kind = "MLP"
@@ -136,6 +140,7 @@ class MLPStatistics(_Statistics):
         self.kernels = kernels
         self.full = full or cross
         self.colsum = torch.zeros(hidden, dtype=torch.float64, device=device)
+        self.weight_sum = torch.zeros((), dtype=torch.float64, device=device)  # Σ w (the token count unweighted)
         self._finalized = None  # (mean, covariance) once formed: see mean_and_covariance
         if self.full:
             self.gram = torch.zeros(hidden, hidden, dtype=torch.float64, device=device)
@@ -146,17 +151,28 @@ class MLPStatistics(_Statistics):
 
     @torch.no_grad()
     def update(self, h: torch.Tensor, h_dense: Optional[torch.Tensor] = None,
-               mask: Optional[torch.Tensor] = None) -> None:
+               mask: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> None:
         """Add hidden activations ``h`` ``(..., D_h)`` (and, with ``cross``, the dense stream's ``h_dense``);
-        ``mask`` ``(B, T)`` bool keeps only the real tokens of ``h`` ``(B, T, D_h)``."""
+        ``mask`` ``(B, T)`` bool keeps only the real tokens of ``h`` ``(B, T, D_h)``; ``weights``
+        ``h.shape[:-1]``: non-negative finite per-token weights (not with ``cross``)."""
         if self._finalized is not None:
             raise RuntimeError("statistics already turned into a covariance: no further updates")
+        if weights is not None:
+            if weights.shape != h.shape[:-1]:
+                raise ValueError(f"token weights must have shape {tuple(h.shape[:-1])}, got {tuple(weights.shape)}")
+            if self.cross is not None:
+                raise ValueError("token weights are not supported with the dense stream's cross statistics")
         if mask is not None:
             mask = _check_mask(mask, h)
             h = h[mask]
             h_dense = h_dense[mask] if h_dense is not None else None
+            weights = weights[mask] if weights is not None else None
         width = h.shape[-1]
         self.count += h.numel() // width
+        if weights is not None:
+            self._weighted_update(h.reshape(-1, width), weights.reshape(-1))
+            return
+        self.weight_sum += h.numel() // width
         if self.full:
             self.kernels.gram_update_(self.gram, self.colsum, h)
         else:
@@ -169,13 +185,25 @@ class MLPStatistics(_Statistics):
             self.cross += (a.T @ b).to(torch.float64)
             self.dense_sum += a.sum(0).to(torch.float64)
 
+    def _weighted_update(self, h: torch.Tensor, w: torch.Tensor) -> None:
+        """``Σ w``, ``Σ w h`` and ``Σ w h hᵀ`` (or ``Σ w h²``) of ``h`` ``(N, D_h)`` with weights ``w`` ``(N,)``."""
+        dt = chunk_dtype(h)
+        h, w = h.to(dt), w.to(dt)
+        self.weight_sum += w.sum().to(torch.float64)
+        self.colsum += (w @ h).to(torch.float64)
+        if self.full:
+            # the Gram of the rows scaled by √w is Σ w h hᵀ; its column sums (Σ √w h) go to a scratch vector
+            self.kernels.gram_update_(self.gram, torch.zeros_like(self.colsum), h * w.sqrt()[:, None])
+        else:
+            self.sq_sum += (w @ (h * h)).to(torch.float64)
+
     @property
     def wants_dense(self) -> bool:
         """Whether :meth:`update` takes the dense stream's activations too."""
         return self.cross is not None
 
     def tensors(self) -> list[torch.Tensor]:
-        out = [self.colsum, self.gram if self.full else self.sq_sum]
+        out = [self.colsum, self.gram if self.full else self.sq_sum, self.weight_sum]
         return out + ([self.cross, self.dense_sum] if self.cross is not None else [])
 
     def second_moment_diag(self) -> torch.Tensor:
@@ -184,10 +212,10 @@ class MLPStatistics(_Statistics):
             mean, cov = self._finalized
             return torch.diagonal(cov) + mean * mean
         diag = torch.diagonal(self.gram) if self.full else self.sq_sum
-        return diag / self.count
+        return diag / self.weight_sum
 
     def mean_and_covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``μ = s/n`` ``(D_h,)`` and ``Σ = G/n − μμᵀ`` ``(D_h, D_h)``, float64.
+        """``μ = s/n`` ``(D_h,)`` and ``Σ = G/n − μμᵀ`` ``(D_h, D_h)``, float64 (``n = Σ w`` with token weights).
 
         The covariance is formed in the Gram's own storage (one D_h² temporary
         instead of four: 210 MB each at D_h = 5120), so the statistics accept no
@@ -196,13 +224,13 @@ class MLPStatistics(_Statistics):
         if not self.full:
             raise RuntimeError("covariance needs the full Gram matrix (MLPStatistics(full=True))")
         if self._finalized is None:
-            mean = self.colsum / self.count
+            mean = self.colsum / self.weight_sum
             g = self.gram
             upper = torch.triu(g, diagonal=1)
             g.triu_()
             g += upper.T
             del upper
-            g /= self.count
+            g /= self.weight_sum
             g.addr_(mean, mean, alpha=-1.0)
             self._finalized = (mean, g)
         return self._finalized

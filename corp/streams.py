@@ -215,6 +215,31 @@ def check_finite(ok: bool, where: str, dp) -> None:
         raise ValueError(f"non-finite activations (NaN or Inf) at {where}")
 
 
+def token_weights(z: torch.Tensor) -> torch.Tensor:
+    """``(..., T)`` weights ``1/σ_t²`` of each token of ``z`` ``(..., T, C)``: the inverse of its variance over
+    channels (fp32 at least; a token with zero variance gets the largest finite weight)."""
+    z = z.detach()
+    var = z.to(torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype).var(-1, unbiased=False)
+    tiny = torch.finfo(var.dtype).tiny
+    return var.clamp_min(tiny).reciprocal().clamp_max(1.0 / tiny)
+
+
+def hidden_and_joined_sum(second, site: nn.Module, joins: Optional[nn.Module], y: torch.Tensor):
+    """Run ``second(y)`` (a block's MLP half) whole; return the output of ``site`` (the MLP's hidden
+    activation) and the sum the MLP's output joins: the input of ``joins`` (post-norm blocks) or, with
+    ``joins`` None, the half's output (:attr:`corp.models.base.MlpPart.joins`)."""
+    hidden: list[torch.Tensor] = []
+    joined: list[torch.Tensor] = []
+    handle = None if joins is None else joins.register_forward_pre_hook(lambda _m, args: joined.append(args[0]))
+    try:
+        with _hook(site, hidden.append, stop=False):
+            out = second(y)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return hidden[0], (out if joins is None else joined[0])
+
+
 def halves(adapter, block: nn.Module, mask: Optional[torch.Tensor]):
     """``adapter.halves`` for one batch (adapters without token masks take no ``mask`` argument)."""
     return adapter.halves(block) if mask is None else adapter.halves(block, mask)
@@ -248,8 +273,10 @@ class Stream:
     """
 
     def __init__(self, states: HiddenStates, adapter, dp, report_batches: int, owns_states: bool = True,
-                 report_images: Optional[int] = None, masks: Optional[list[Optional[torch.Tensor]]] = None):
+                 report_images: Optional[int] = None, masks: Optional[list[Optional[torch.Tensor]]] = None,
+                 token_weights: bool = False):
         self.states, self.adapter, self.dp, self.report_batches = states, adapter, dp, report_batches
+        self.token_weights = token_weights  # the MLP statistics get 1/σ_t² weights (mlp_token_weights)
         self.report_images = report_images
         self.owns_states = owns_states  # False: the first states are the caller's and stay open
         self.masks = masks  # one (B, T) bool token mask per batch, or None: every token is real
@@ -350,7 +377,7 @@ class Stream:
     def _update(self, update, j: int):
         """``update`` for batch ``j``'s activations (``(B, T, C)``), its padding left out."""
         mask = self.mask(j)
-        return update if mask is None else (lambda *acts: update(*acts, mask=mask))
+        return update if mask is None else (lambda *acts, **kw: update(*acts, mask=mask, **kw))
 
 
 class DenseStream(Stream):
@@ -361,17 +388,31 @@ class DenseStream(Stream):
         super().begin(block, index, stats, dense)
         self.next = self.states.spawn()
         current = [0]  # the batch the hooks are seeing (its token mask)
+        weighted = self.token_weights and "mlp" in stats
+        joins = self.adapter.mlp(block).joins if weighted else None
+        pending: list = []  # weighted: the batch's (update, h) until the block's output gives the weights
+        joined: list[torch.Tensor] = []
 
-        def hooked(update):
+        def hooked(update, name):
+            if weighted and name == "mlp":
+                return lambda out: pending.append((update, out))
             return lambda out: self._update(update, current[0])(out)
 
         def run(j, x):
             current[0] = j
-            return self.run(block, j, x)
+            y = self.run(block, j, x)
+            if pending:
+                update, h = pending.pop()
+                z = y if joins is None else joined.pop()
+                self._update(update, j)(h, weights=token_weights(z))
+            return y
 
         with contextlib.ExitStack() as stack:
-            for site, update in self._sites(block, stats):
-                stack.enter_context(_hook(site, hooked(update), stop=False))
+            if joins is not None:
+                handle = joins.register_forward_pre_hook(lambda _m, args: joined.append(args[0]))
+                stack.callback(handle.remove)
+            for name, (site, update) in zip(stats, self._sites(block, stats)):
+                stack.enter_context(_hook(site, hooked(update, name), stop=False))
             self.dense_outputs = self._report_slice(propagate(run, self.states, self.next, self.report_batches,
                                                               f"the output of block {index}", self.dp))
 
@@ -408,12 +449,17 @@ class PrunedStream(Stream):
                 self._update(stats.update, j)(qkv(x))
             return
         site, update = self._sites(block, {name: stats})[0]
+        joins = self.adapter.mlp(block).joins
         self._start_after_attention()
         for j, x in enumerate(self.states):
             first, second = halves(self.adapter, block, self.mask(j))
             y = first(x)
             self.after_attention.append(y)
-            self._update(update, j)(capture(second, site, y))
+            if self.token_weights:  # the dense MLP's whole half: its output gives each token's weight
+                h, z = hidden_and_joined_sum(second, site, joins, y)
+                self._update(update, j)(h, weights=token_weights(z))
+            else:
+                self._update(update, j)(capture(second, site, y))
 
     def advance(self, block, report=True):
         nxt = self.states.spawn()

@@ -204,6 +204,10 @@ class MlpPart:
         build: ``build(kept, w_out, b_out)`` → a new module keeping hidden channels
             ``kept`` (rows of the input projection) with output projection ``w_out``
             ``(out, |S|)`` and bias ``b_out``.
+        joins: where the sum that the MLP's output is added into is normalised inside the block:
+            post-norm blocks name the normalisation module whose input that sum is (BERT's
+            ``output.LayerNorm``); None (pre-norm blocks): the sum is the block's output, which the
+            next normalisation reads. ``mlp_token_weights`` weights tokens by ``1/var`` of that sum.
     """
 
     module: nn.Module
@@ -211,6 +215,7 @@ class MlpPart:
     hidden_site: nn.Module
     weights: Callable[[], MlpWeights]
     build: Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], nn.Module]
+    joins: Optional[nn.Module] = None
 
 
 class ModelAdapter:

@@ -494,7 +494,12 @@ class _HFEncoder(ModelAdapter):
             module=self.mlp_module(block), hidden=self.mlp_hidden(block), hidden_site=self.hidden_site(block),
             weights=lambda: self.mlp_weights(block),
             build=lambda kept, w_out, b_out: self.build_mlp(block, kept, w_out, b_out),
+            joins=self.mlp_joins(block),
         )
+
+    def mlp_joins(self, block: nn.Module) -> Optional[nn.Module]:
+        """:attr:`MlpPart.joins`: None, pre-norm layers (post-norm families override it)."""
+        return None
 
     def set_part(self, block: nn.Module, part: str, module: nn.Module) -> None:
         if part == "attn":
@@ -652,6 +657,9 @@ class HFBert(_SplitMlpFamily):
 
     def encoder(self, model):
         return model.base_model
+
+    def mlp_joins(self, block):
+        return block.output.LayerNorm  # LayerNorm(dense(h) + attention output): post-norm
 
     def attention_input(self, block, x):
         return x  # post-norm: the attention reads the block input itself
