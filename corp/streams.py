@@ -276,7 +276,7 @@ class Stream:
                  report_images: Optional[int] = None, masks: Optional[list[Optional[torch.Tensor]]] = None,
                  token_weights: bool = False):
         self.states, self.adapter, self.dp, self.report_batches = states, adapter, dp, report_batches
-        self.token_weights = token_weights  # the MLP statistics get 1/σ_t² weights (mlp_token_weights)
+        self.weigh_mlp_tokens = token_weights  # the MLP statistics get 1/σ_t² weights (mlp_token_weights)
         self.report_images = report_images
         self.owns_states = owns_states  # False: the first states are the caller's and stay open
         self.masks = masks  # one (B, T) bool token mask per batch, or None: every token is real
@@ -388,7 +388,7 @@ class DenseStream(Stream):
         super().begin(block, index, stats, dense)
         self.next = self.states.spawn()
         current = [0]  # the batch the hooks are seeing (its token mask)
-        weighted = self.token_weights and "mlp" in stats
+        weighted = self.weigh_mlp_tokens and "mlp" in stats
         joins = self.adapter.mlp(block).joins if weighted else None
         pending: list = []  # weighted: the batch's (update, h) until the block's output gives the weights
         joined: list[torch.Tensor] = []
@@ -455,7 +455,7 @@ class PrunedStream(Stream):
             first, second = halves(self.adapter, block, self.mask(j))
             y = first(x)
             self.after_attention.append(y)
-            if self.token_weights:  # the dense MLP's whole half: its output gives each token's weight
+            if self.weigh_mlp_tokens:  # the dense MLP's whole half: its output gives each token's weight
                 h, z = hidden_and_joined_sum(second, site, joins, y)
                 self._update(update, j)(h, weights=token_weights(z))
             else:
