@@ -198,3 +198,17 @@ def test_eval_refuses_an_hf_model_without_logits(tmp_path, capsys):
     rc = main(["eval", "--model", str(tmp_path / "backbone"), "--data", str(tmp_path / "imgs"), "--workers", "0"])
     assert rc != 0
     assert "returns no class logits" in capsys.readouterr().err
+
+
+def test_mlp_token_weights_flag_matches_the_api(folders):
+    out = folders / "weighted"
+    assert main(["prune", "--model", str(folders / "dense"), "--calib", str(folders / "data"), "--calib-size", "8",
+                 "--mlp-sparsity", "0.5", "--out", str(out), "--workers", "0", "--batch-size", "4",
+                 "--mlp-token-weights"]) == 0
+    pruned = corp.load_pretrained(out)
+    assert pruned.corp_config["pruning"]["mlp_token_weights"] is True
+    dense = corp.load_pretrained(folders / "dense")
+    loader = calibration_loader(dense, str(folders / "data"), 8, 4, 0)
+    api = corp.prune(dense, loader, mlp_sparsity=0.5, batch_size=4, mlp_token_weights=True)
+    for k, v in api.state_dict().items():
+        torch.testing.assert_close(pruned.state_dict()[k], v)
