@@ -133,8 +133,8 @@ def _mlp_greedy(
     width = cov.shape[0]
     g, _ = _spd_inverse(cov, damping)  # G = H⁻¹ (symmetric: its rows are its columns)
     # Row layout throughout (every gather and update reads whole rows). Whole greedy at D = 1536,
-    # keep 768, 64 steps, 2-core CPU, synthetic GELU covariance (medians of 7, interleaved): 0.59 s
-    # with the in-place D×D downdate, 0.43 s now, the same kept set; the inverse is 0.2 s of it.
+    # keep 768, 64 steps, 2-core CPU (benchmarks/experiments/mlp_greedy_vs_revision.py): 0.61 s with
+    # the in-place D×D downdate (b75edda), 0.42 s now, the same kept set; the inverse is 0.2 s of it.
     wt = w2.T.contiguous()  # (D, out): row j is W'_{·j}; W' = W2 H_{·K} H_KK⁻¹ = W2 for K = all channels
     diag = torch.diagonal(g).clone()  # diag(Hinv) on the kept channels
     factors = g.new_empty(width - keep, width)  # Vᵀ: Hinv = G − V Vᵀ on K×K
