@@ -47,7 +47,7 @@ from .gram import (
 if triton is not None:
     import triton.language as tl
 
-    from .gram import _round_to_tf32, _token_offsets, autotune_options
+    from .gram import _flush_block, _round_to_tf32, _token_offsets, autotune_options
 
 __all__ = ["attention_stats_update_triton_", "choose_attention_split", "head_dim_blocks", "cuda_configs"]
 
@@ -68,12 +68,6 @@ def head_dim_blocks(d: int) -> tuple[int, int]:
 
 
 if triton is not None:
-
-    @triton.jit
-    def _flush_block(ptrs, acc, mask, keep_old):
-        """``*ptrs += acc`` in fp64 (``keep_old`` False: overwrite, a workspace slice's first flush)."""
-        old = tl.load(ptrs, mask=mask & keep_old, other=0.0)
-        tl.store(ptrs, old + acc.to(tl.float64), mask=mask)
 
     @triton.jit
     def _attention_stats_kernel(

@@ -122,6 +122,12 @@ if triton is not None:
         return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _flush_block(ptrs, acc, mask, keep_old):
+        """``*ptrs += acc`` in fp64 (``keep_old`` False: overwrite, a workspace slice's first flush)."""
+        old = tl.load(ptrs, mask=mask & keep_old, other=0.0)
+        tl.store(ptrs, old + acc.to(tl.float64), mask=mask)
+
+    @triton.jit
     def _token_offsets(tok, T, stride_b, stride_t, IS_3D: tl.constexpr):
         """Memory offsets (elements, int64) of tokens ``tok``: ``n·stride_t``, or ``(n // T)·stride_b + (n % T)·stride_t``."""
         tok64 = tok.to(tl.int64)
@@ -218,19 +224,12 @@ if triton is not None:
             acc_hi += acc
             # flush into fp64: a workspace slice is overwritten by its first segment (no zero fill)
             if ADD_TO_OUT:
-                keep = o_mask
+                keep = seg >= k_start  # always: add to the caller's accumulator
             else:
-                keep = o_mask & (seg > k_start)
-            old = tl.load(o_ptrs, mask=keep, other=0.0)
-            tl.store(o_ptrs, old + acc_hi.to(tl.float64), mask=o_mask)
+                keep = seg > k_start
+            _flush_block(o_ptrs, acc_hi, o_mask, keep)
             if DIAG:
-                csum_hi += csum
-                if ADD_TO_OUT:
-                    keep_c = col_ok
-                else:
-                    keep_c = col_ok & (seg > k_start)
-                old_c = tl.load(c_ptrs, mask=keep_c, other=0.0)
-                tl.store(c_ptrs, old_c + csum_hi.to(tl.float64), mask=col_ok)
+                _flush_block(c_ptrs, csum_hi + csum, col_ok, keep)
         if not ADD_TO_OUT:  # a split with no tokens still defines its workspace slice
             empty = k_start >= k_stop
             tl.store(o_ptrs, tl.zeros((BLOCK, BLOCK), dtype=tl.float64), mask=o_mask & empty)

@@ -62,13 +62,9 @@ def test_attention_stats_rejects_wrong_width():
 # ---------------------------------------------------------------------------- the Triton kernel
 
 
-@needs_triton
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
-@pytest.mark.parametrize("kind,split", [("2d-sliced", 1), ("3d-unmergeable", 3), ("3d-contiguous", 2)])
-def test_attention_stats_match_fp64(dtype, kind, split):
-    h, d = 3, 80  # d not a power of two: blocks of 64 and 16, no padding
-    gen = torch.Generator().manual_seed(split)
-    qkv = _qkv(kind, h, d, dtype, gen)
+def _assert_kernel_within_bound(qkv, h, d, split, gen, what):
+    """The kernel, added into random fp64 accumulators, against fp64 within twice the plain-torch
+    reference's error at the input precision (``assert_within_bound``), for all three outputs."""
     start = [torch.randn(h, d, d, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2)]
     start.append(torch.randn(h, d, generator=gen, dtype=torch.float64).to(DEVICE))
     out = [t.clone() for t in start]
@@ -77,7 +73,17 @@ def test_attention_stats_match_fp64(dtype, kind, split):
     reference.attention_stats_update_(*base, qkv, h, d)
     ref = [s + r for s, r in zip(start, fp64_reference(qkv, h, d))]
     for name, o, b, r in zip(("gram_q", "gram_k", "score"), out, base, ref):
-        assert_within_bound(o, b, r, what=f"{name} {kind} {dtype}")
+        assert_within_bound(o, b, r, what=f"{name} {what}")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+@pytest.mark.parametrize("kind,split", [("2d-sliced", 1), ("3d-unmergeable", 3), ("3d-contiguous", 2)])
+def test_attention_stats_match_fp64(dtype, kind, split):
+    h, d = 3, 80  # d not a power of two: blocks of 64 and 16, no padding
+    gen = torch.Generator().manual_seed(split)
+    qkv = _qkv(kind, h, d, dtype, gen)
+    _assert_kernel_within_bound(qkv, h, d, split, gen, f"{kind} {dtype}")
 
 
 def test_head_dim_blocks_cover_d_without_padding_to_a_power_of_two():
@@ -109,15 +115,7 @@ def test_attention_stats_head_dims_without_padding(d, n, split):
     h = 2
     gen = torch.Generator().manual_seed(d + n)
     qkv = (torch.randn(n, 3 * h * d + 3, generator=gen) * 1.2 + 0.3)[:, 3:].to(DEVICE)  # strided rows
-    start = [torch.randn(h, d, d, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2)]
-    start.append(torch.randn(h, d, generator=gen, dtype=torch.float64).to(DEVICE))
-    out = [t.clone() for t in start]
-    _triton()(*out, qkv, h, d, split_k=split)
-    base = [t.clone() for t in start]
-    reference.attention_stats_update_(*base, qkv, h, d)
-    ref = [s + r for s, r in zip(start, fp64_reference(qkv, h, d))]
-    for name, o, b, r in zip(("gram_q", "gram_k", "score"), out, base, ref):
-        assert_within_bound(o, b, r, what=f"{name} d={d} n={n}")
+    _assert_kernel_within_bound(qkv, h, d, split, gen, f"d={d} n={n}")
 
 
 @needs_triton
