@@ -54,7 +54,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "corp factored fit": dict(method="corp", logit_solve="factored"),
     "corp lowrank": dict(method="corp", logit_solve="lowrank"),
     "corp lowrank ridge 1e-2": dict(method="corp", logit_solve="lowrank", ridge=1e-2),
-    "corp token-weighted": dict(method="corp", mlp_token_weights=True),
+    "corp token-weighted": dict(method="corp", mlp_token_weights="pruned"),
+    "corp dense-token-weighted": dict(method="corp", mlp_token_weights="dense"),
+    "corp+outfit token-weighted": dict(method="corp", mlp_token_weights="pruned", attn_output_fit=True),
+    "corp+outfit dense-token-weighted": dict(method="corp", mlp_token_weights="dense", attn_output_fit=True),
     # one part pruned at a time (the other's sparsity 0): which part limits the default
     "corp mlp only": dict(method="corp", attn_sparsity=0.0),
     "corp attn only": dict(method="corp", mlp_sparsity=0.0),

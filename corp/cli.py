@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from .config import DEFAULT_ATTN_RIDGE, DEFAULT_MLP_RIDGE, LOGIT_FITS, LOGIT_SOLVES, METHODS, SELECTIONS
+from .config import DEFAULT_ATTN_RIDGE, DEFAULT_MLP_RIDGE, LOGIT_FITS, LOGIT_SOLVES, METHODS, SELECTIONS, TOKEN_WEIGHTS
 
 __all__ = ["main", "build_parser", "BACKEND_CHOICES", "MODEL_FAMILIES"]
 
@@ -155,12 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sylvester: exact damped logit fit (eigen form); factored: two ridge regressions; "
                         "lowrank: no dim selection, the best rank-s q/k form per head (truncated SVD); "
                         + _per_method("logit_solve"))
-    p.add_argument("--attn-output-fit", action="store_true", default=None,
+    p.add_argument("--attn-output-fit", action=argparse.BooleanOptionalAction, default=None,
                    help="after pruning q/k dims, refit each attention's output projection to the dense "
                         "attention's output (one more attention pass per block); " + _per_method("attn_output_fit"))
-    p.add_argument("--mlp-token-weights", action="store_true",
+    p.add_argument("--mlp-token-weights", choices=TOKEN_WEIGHTS, default=None,
                    help="weight each token's MLP statistics by 1/variance of the sum the MLP output joins (what "
-                        "the next LayerNorm divides by); off by default")
+                        "the next LayerNorm divides by); auto: only in post-norm blocks; "
+                        + _per_method("mlp_token_weights"))
     p.add_argument("--budget", type=_fraction, default=None, metavar="F",
                    help="instead of sparsities: remove this fraction of parameters (or FLOPs) with per-block "
                         "sparsities chosen by measured error")

@@ -15,7 +15,7 @@ import itertools
 import time
 import warnings
 from dataclasses import asdict
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -52,7 +52,7 @@ def prune(
     selection: Optional[str] = None,
     logit_solve: Optional[str] = None,
     attn_output_fit: Optional[bool] = None,
-    mlp_token_weights: bool = False,
+    mlp_token_weights: Union[str, bool, None] = None,
     budget: Optional[float] = None,
     budget_metric: str = "params",
     ridge: float = DEFAULT_MLP_RIDGE,
@@ -110,14 +110,17 @@ def prune(
         attn_output_fit: after pruning a block's q/k dims, refit its attention output projection
             so that the pruned attention reproduces the dense attention's output on the same
             inputs (:class:`corp.fit.AttentionOutputFit`; one more pass through the dense and the
-            pruned attention per block). None: the method's preset (off for both).
-        mlp_token_weights: weight each token's MLP statistics (covariance and mean) by ``1/σ_t²``,
-            ``σ_t²`` the variance over channels of the sum the MLP's output is added into (the
-            block output, or a post-norm block's output LayerNorm input; ``MlpPart.joins``): the
-            next normalisation divides that token's error by ``σ_t``, so the fit and the selection
-            then minimise the error as the normalised stream sees it. Costs the dense MLP's output
-            projection once more per block in the statistics pass. Not with ``target="dense"``;
-            the budget's error curves stay unweighted.
+            pruned attention per block). None: the method's preset (corp: on; paper: off).
+        mlp_token_weights: ``"on"``: weight each token's MLP statistics (covariance and mean) by
+            ``1/σ_t²``, ``σ_t²`` the variance over channels of the sum the MLP's output is added
+            into (the block output, or a post-norm block's output LayerNorm input;
+            ``MlpPart.joins``): the next normalisation divides that token's error by ``σ_t``, so the
+            fit and the selection then minimise the error as the normalised stream sees it. Costs
+            the dense MLP's output projection once more per block in the statistics pass. ``"auto"``:
+            on only in post-norm blocks (``joins`` set, e.g. BERT), where that normalisation comes
+            at once, and off with ``target="dense"``; ``"off"``. True/False mean ``"on"``/``"off"``.
+            None: the method's preset (corp: ``"auto"``; paper: ``"off"``). ``"on"`` is refused with
+            ``target="dense"``; the budget's error curves stay unweighted.
         budget: remove this fraction of the model's parameters (or FLOPs, see
             ``budget_metric``) with per-block sparsities allocated by each block's
             measured compensated error (:mod:`corp.budget`); a first pass
@@ -301,10 +304,10 @@ class _Run:
                                      masks=self.masks)
         elif config.propagate == "pruned":
             self.stream = PrunedStream(states, adapter, dp, report_batches, report_images=config.report_images,
-                                       masks=self.masks, token_weights=config.mlp_token_weights)
+                                       masks=self.masks, token_weights=config.weighs_mlp_tokens)
         else:
             self.stream = DenseStream(states, adapter, dp, report_batches, report_images=config.report_images,
-                                      masks=self.masks, token_weights=config.mlp_token_weights)
+                                      masks=self.masks, token_weights=config.weighs_mlp_tokens)
 
     def _token_masks(self, batches) -> Optional[list]:
         """The token masks of every batch (None when no batch has padding information)."""

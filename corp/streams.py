@@ -27,7 +27,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -274,9 +274,10 @@ class Stream:
 
     def __init__(self, states: HiddenStates, adapter, dp, report_batches: int, owns_states: bool = True,
                  report_images: Optional[int] = None, masks: Optional[list[Optional[torch.Tensor]]] = None,
-                 token_weights: bool = False):
+                 token_weights: Callable[[Optional[nn.Module]], bool] = lambda joins: False):
         self.states, self.adapter, self.dp, self.report_batches = states, adapter, dp, report_batches
-        self.weigh_mlp_tokens = token_weights  # the MLP statistics get 1/σ_t² weights (mlp_token_weights)
+        # whether a block's MLP statistics get 1/σ_t² weights, from its MlpPart.joins (PruneConfig.weighs_mlp_tokens)
+        self.weighs_mlp_tokens = token_weights
         self.report_images = report_images
         self.owns_states = owns_states  # False: the first states are the caller's and stay open
         self.masks = masks  # one (B, T) bool token mask per batch, or None: every token is real
@@ -388,8 +389,8 @@ class DenseStream(Stream):
         super().begin(block, index, stats, dense)
         self.next = self.states.spawn()
         current = [0]  # the batch the hooks are seeing (its token mask)
-        weighted = self.weigh_mlp_tokens and "mlp" in stats
-        joins = self.adapter.mlp(block).joins if weighted else None
+        joins = self.adapter.mlp(block).joins if "mlp" in stats else None
+        weighted = "mlp" in stats and self.weighs_mlp_tokens(joins)
         pending: list = []  # weighted: the batch's (update, h) until the block's output gives the weights
         joined: list[torch.Tensor] = []
 
@@ -450,12 +451,13 @@ class PrunedStream(Stream):
             return
         site, update = self._sites(block, {name: stats})[0]
         joins = self.adapter.mlp(block).joins
+        weighted = self.weighs_mlp_tokens(joins)
         self._start_after_attention()
         for j, x in enumerate(self.states):
             first, second = halves(self.adapter, block, self.mask(j))
             y = first(x)
             self.after_attention.append(y)
-            if self.weigh_mlp_tokens:  # the dense MLP's whole half: its output gives each token's weight
+            if weighted:  # the dense MLP's whole half: its output gives each token's weight
                 h, z = hidden_and_joined_sum(second, site, joins, y)
                 self._update(update, j)(h, weights=token_weights(z))
             else:

@@ -71,7 +71,12 @@ def test_bad_sparsity_is_rejected_by_the_parser():
 
 
 def test_prune_under_torchrun_with_two_gloo_processes(folders):
-    """`torchrun --nproc_per_node 2 corp prune ...` equals a single-process run on the same images."""
+    """`torchrun --nproc_per_node 2 corp prune ...` equals a single-process run on the same images.
+
+    The attention output projections are compared through the models' outputs: their ridge solve
+    (100 calibration tokens for 48 inputs) moves them by up to 1.3e-3 of their largest entry along
+    directions the data hardly spans, and a single process moves them as much between batch sizes 2
+    and 5 (measured: 1.1e-4 against 8.9e-5 from two processes)."""
     import socket
 
     with socket.socket() as s:
@@ -90,7 +95,12 @@ def test_prune_under_torchrun_with_two_gloo_processes(folders):
     ddp, single = corp.load_pretrained(folders / "ddp"), corp.load_pretrained(folders / "single")
     assert ddp.corp_config["pruning"]["calibration_images"] == 10
     for k, v in single.state_dict().items():
-        torch.testing.assert_close(ddp.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+        if "attn.proj" not in k:
+            torch.testing.assert_close(ddp.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+    images = torch.cat(list(calibration_loader(single, str(folders / "data"), None, 5, 0)))
+    with torch.no_grad():
+        reference = single(images)
+        torch.testing.assert_close(ddp(images), reference, rtol=0, atol=1e-4 * float(reference.abs().max()))
 
 
 def test_prune_with_variants_and_budget_matches_the_api(folders):
@@ -204,11 +214,31 @@ def test_mlp_token_weights_flag_matches_the_api(folders):
     out = folders / "weighted"
     assert main(["prune", "--model", str(folders / "dense"), "--calib", str(folders / "data"), "--calib-size", "8",
                  "--mlp-sparsity", "0.5", "--out", str(out), "--workers", "0", "--batch-size", "4",
-                 "--mlp-token-weights"]) == 0
+                 "--mlp-token-weights", "on"]) == 0
     pruned = corp.load_pretrained(out)
-    assert pruned.corp_config["pruning"]["mlp_token_weights"] is True
+    assert pruned.corp_config["pruning"]["mlp_token_weights"] == "on"
     dense = corp.load_pretrained(folders / "dense")
     loader = calibration_loader(dense, str(folders / "data"), 8, 4, 0)
-    api = corp.prune(dense, loader, mlp_sparsity=0.5, batch_size=4, mlp_token_weights=True)
+    api = corp.prune(dense, loader, mlp_sparsity=0.5, batch_size=4, mlp_token_weights="on")
     for k, v in api.state_dict().items():
         torch.testing.assert_close(pruned.state_dict()[k], v)
+
+
+def test_no_attn_output_fit_flag_turns_off_the_presets_output_fit(folders):
+    """corp's preset refits the attention output projection; ``--no-attn-output-fit`` gives the API's
+    ``attn_output_fit=False`` model, which differs from the default's."""
+    out = folders / "no_outfit"
+    assert main(["prune", "--model", str(folders / "dense"), "--calib", str(folders / "data"), "--calib-size", "8",
+                 "--attn-sparsity", "0.5", "--out", str(out), "--workers", "0", "--batch-size", "4",
+                 "--no-attn-output-fit"]) == 0
+    pruned = corp.load_pretrained(out)
+    assert pruned.corp_config["pruning"]["attn_output_fit"] is False
+    dense = corp.load_pretrained(folders / "dense")
+    loader = calibration_loader(dense, str(folders / "data"), 8, 4, 0)
+    api = corp.prune(dense, loader, attn_sparsity=0.5, batch_size=4, attn_output_fit=False)
+    default = corp.prune(dense, calibration_loader(dense, str(folders / "data"), 8, 4, 0), attn_sparsity=0.5,
+                         batch_size=4)
+    assert default.corp_config["pruning"]["attn_output_fit"] is True
+    for k, v in api.state_dict().items():
+        torch.testing.assert_close(pruned.state_dict()[k], v)
+    assert any(not torch.equal(v, default.state_dict()[k]) for k, v in api.state_dict().items())

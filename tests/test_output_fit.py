@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import corp
-from corp.fit import AttentionOutputFit, FitContext
+from corp.fit import AttentionOutputFit, FitContext, gcv_scores
 from corp.ops import REFERENCE
 from corp.stats import AttentionOutputStatistics
 
@@ -23,8 +23,9 @@ def _tokens(seed: int, n: int, width: int):
 
 @pytest.mark.parametrize("with_bias,ridge", [(True, 1e-3), (True, 0.3), (False, 1e-2)])
 def test_output_fit_is_the_ridge_least_squares_solution(with_bias, ridge):
-    """min_{W', b'} (1/n) Σ‖W o + b − W' z − b'‖² + λ‖W' − W‖², λ = ridge · mean(diag Cov(z)) (uncentred
-    second moments without a bias), solved here as one augmented least-squares problem over the tokens."""
+    """min_{W', b'} (1/n) Σ‖W o + b − W' z − b'‖² + λ‖W' − W‖² at the λ the fit chose (on its grid, at least
+    ridge · mean(diag Cov(z)); uncentred second moments without a bias), solved here as one augmented
+    least-squares problem over the tokens."""
     n, width, out = 400, 9, 5
     o, z = _tokens(int(ridge * 1000) + with_bias, n, width)
     g = torch.Generator().manual_seed(7)
@@ -37,7 +38,10 @@ def test_output_fit_is_the_ridge_least_squares_solution(with_bias, ridge):
 
     target = o @ w.T + (b if b is not None else 0)
     zc = z - z.mean(0) if with_bias else z
-    lam = ridge * float(torch.diagonal(zc.T @ zc / n).mean())
+    floor = ridge * float(torch.diagonal(zc.T @ zc / n).mean())
+    lam = fit.damping
+    steps = torch.log10(torch.tensor(lam / floor, dtype=F64)) * 4  # quarter decades above the floor
+    assert 0 <= float(steps) <= 20 + 1e-9 and abs(float(steps) - round(float(steps))) < 1e-9
     # unknowns Δ = W' − W (penalised) and b' (free): rows [z, 1] for the tokens, √(nλ)·I rows for Δ
     design = torch.cat([z, torch.ones(n, 1, dtype=F64)], 1) if with_bias else z
     penalty = torch.zeros(width, design.shape[1], dtype=F64)
@@ -49,7 +53,47 @@ def test_output_fit_is_the_ridge_least_squares_solution(with_bias, ridge):
         assert torch.allclose(fit.bias, sol[width], rtol=1e-8, atol=1e-9)
     else:
         assert fit.bias is None
-    assert fit.damping == pytest.approx(lam, rel=1e-10)
+
+
+@pytest.mark.parametrize("intercept", [True, False])
+def test_gcv_scores_are_the_hat_matrix_scores_over_the_tokens(intercept):
+    """GCV(λ) = (RSS/n) / (1 − tr(H)/n)² with the ridge fit's residuals and hat matrix formed over the
+    tokens (centred design plus a free intercept, or none), for a multi-output target; and the output
+    fit's λ is the grid's argmin of that brute-force score."""
+    n, width, out = 60, 7, 3
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(n, width, generator=g, dtype=F64) * torch.linspace(0.2, 2.0, width, dtype=F64)
+    # o − z: a small linear part of z plus noise of the same size, so that GCV damps well above the floor
+    o = z @ (torch.eye(width, dtype=F64) + 0.2 * torch.randn(width, width, generator=g, dtype=F64))
+    o = o + torch.randn(n, width, generator=g, dtype=F64)
+    w = torch.randn(out, width, generator=g, dtype=F64)
+    y = (o - z) @ w.T
+    zc, yc = (z - z.mean(0), y - y.mean(0)) if intercept else (z, y)
+    grid = torch.logspace(-3, 2, 11, dtype=F64)
+    brute = []
+    for lam in grid:
+        hat = zc @ torch.linalg.solve(zc.T @ zc + n * lam * torch.eye(width, dtype=F64), zc.T)
+        resid = yc - hat @ yc
+        df = torch.trace(hat) + (1 if intercept else 0)
+        brute.append(float(resid.square().sum() / n / (1 - df / n) ** 2))
+    s_zz, s_zy = zc.T @ zc / n, zc.T @ yc / n
+    got = gcv_scores(s_zz, s_zy, yc.square().sum() / n, n, intercept, grid)
+    torch.testing.assert_close(got, torch.tensor(brute, dtype=F64), rtol=1e-9, atol=0)
+
+    stats = AttentionOutputStatistics(width, torch.device("cpu"))
+    stats.update(o[None], z[None])
+    fit = AttentionOutputFit(1e-3).fit(stats, w, torch.zeros(out, dtype=F64) if intercept else None,
+                                       FitContext(REFERENCE))
+    floor = 1e-3 * float(torch.diagonal(s_zz).mean())
+    candidates = floor * torch.logspace(0, 5, 21, dtype=F64)
+    scores = []
+    for lam in candidates:
+        hat = zc @ torch.linalg.solve(zc.T @ zc + n * lam * torch.eye(width, dtype=F64), zc.T)
+        df = torch.trace(hat) + (1 if intercept else 0)
+        scores.append(float((yc - hat @ yc).square().sum() / n / (1 - df / n) ** 2))
+    best = int(torch.tensor(scores).argmin())
+    assert 0 < best < len(candidates) - 1  # an interior choice: the test would see a wrong score
+    assert fit.damping == pytest.approx(float(candidates[best]), rel=1e-9)
 
 
 def test_output_fit_recovers_an_exact_linear_map():

@@ -1,4 +1,4 @@
-"""Token-weighted MLP statistics (``mlp_token_weights=True``): each token's hidden activation enters the
+"""Token-weighted MLP statistics (``mlp_token_weights="on"``, and "auto", the default: on in post-norm blocks only): each token's hidden activation enters the
 MLP covariance with weight ``1/σ_t²``, ``σ_t²`` the variance over channels of the sum the MLP's output
 joins (the block output in pre-norm blocks, the output LayerNorm's input in post-norm BERT). Checked
 against fp64 sums by hand, per sentence without padding, for both stream schedules."""
@@ -121,7 +121,7 @@ def test_bert_statistics_weight_tokens_by_the_output_layernorm_input(stream_clas
             masks.append(adapter.token_mask(model, batch))
         block = adapter.blocks(model)[0]
         stats = MLPStatistics(adapter.mlp(block).hidden, torch.device("cpu"))
-        stream = stream_class(states, adapter, _NoRanks(), 0, masks=masks, token_weights=True)
+        stream = stream_class(states, adapter, _NoRanks(), 0, masks=masks, token_weights=lambda joins: True)
         stream.begin(block, 0, {"mlp": stats}, {})
         stream.fill(block, "mlp", stats)
     got_mean, got_cov = stats.mean_and_covariance()
@@ -147,7 +147,7 @@ def test_vit_statistics_weight_tokens_by_the_block_output(stream_class):
         states.append(x[:4])
         states.append(x[4:])
         stats = MLPStatistics(adapter.mlp(block).hidden, torch.device("cpu"))
-        stream = stream_class(states, adapter, _NoRanks(), 0, token_weights=True)
+        stream = stream_class(states, adapter, _NoRanks(), 0, token_weights=lambda joins: True)
         stream.begin(block, 0, {"mlp": stats}, {})
         stream.fill(block, "mlp", stats)
     got_mean, got_cov = stats.mean_and_covariance()
@@ -163,8 +163,8 @@ def test_token_weighted_prune_runs_saves_and_is_refused_with_dense_targets(tmp_p
         plain = corp.prune(model, images, mlp_sparsity=0.5, attn_sparsity=0.5)
         weighted = corp.prune(model, images, mlp_sparsity=0.5, attn_sparsity=0.5, mlp_token_weights=True)
         paper = corp.prune(model, images, mlp_sparsity=0.5, method="paper", mlp_token_weights=True)
-    assert weighted.corp_config["pruning"]["mlp_token_weights"] is True
-    assert plain.corp_config["pruning"]["mlp_token_weights"] is False
+    assert weighted.corp_config["pruning"]["mlp_token_weights"] == "on"
+    assert plain.corp_config["pruning"]["mlp_token_weights"] == "auto"
     assert any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), weighted.state_dict().values()))
     assert paper.blocks[0].mlp.fc1.out_features == model.blocks[0].mlp.fc1.out_features // 2
     corp.save_pretrained(weighted, tmp_path / "m")
@@ -172,5 +172,37 @@ def test_token_weighted_prune_runs_saves_and_is_refused_with_dense_targets(tmp_p
     probe = torch.randn(2, 3, 24, 24)
     with torch.no_grad():
         assert torch.equal(again(probe), weighted(probe))
-    with pytest.raises(ValueError, match="mlp_token_weights=True cannot be combined with target='dense'"):
+    with pytest.raises(ValueError, match="mlp_token_weights='on' cannot be combined with target='dense'"):
         corp.prune(model, images, mlp_sparsity=0.5, target="dense", mlp_token_weights=True)
+
+
+def _same_weights(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_auto_weights_post_norm_blocks_only():
+    """``"auto"`` (corp's preset): BERT (post-norm, ``MlpPart.joins`` set) is pruned exactly as with
+    ``"on"`` and differently from ``"off"``; a pre-norm timm ViT exactly as with ``"off"``; with
+    error-correcting targets ``"auto"`` means off."""
+    bert = _bert().float()
+    seqs = _sentences()
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], att[i, :len(s)] = s, 1
+    text = [{"input_ids": ids, "attention_mask": att}]
+    images = torch.randn(24, 3, 24, 24, generator=torch.Generator().manual_seed(5))
+    vit = tiny_vit()
+    kw = dict(mlp_sparsity=0.5, attn_sparsity=0.5, report_images=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fewer calibration tokens than channels in these tiny models
+        default = corp.prune(bert, text, **kw)
+        bert_on, bert_off = (corp.prune(bert, text, mlp_token_weights=w, **kw) for w in ("on", "off"))
+        vit_auto, vit_on, vit_off = (corp.prune(vit, images, mlp_token_weights=w, **kw) for w in ("auto", "on", "off"))
+        ec_auto, ec_off = (corp.prune(vit, images, target="dense", logit_solve="sylvester", mlp_token_weights=w, **kw)
+                           for w in ("auto", "off"))
+    assert default.corp_config["pruning"]["mlp_token_weights"] == "auto"
+    assert _same_weights(default, bert_on) and not _same_weights(default, bert_off)
+    assert _same_weights(vit_auto, vit_off) and not _same_weights(vit_auto, vit_on)
+    assert _same_weights(ec_auto, ec_off)

@@ -92,7 +92,10 @@ def test_attention_error_correcting_solve_is_least_squares_over_pairs():
 def test_error_correcting_prune_matches_local_on_the_first_block_and_fits_the_dense_model_better():
     model = tiny_vit(depth=3)
     x = _images()
-    kw = dict(mlp_sparsity=0.6, attn_sparsity=0.5, propagate="pruned", batch_size=8, report_images=8)
+    # (the attention output fit off: block 0's weights are compared, and it refits the projection on
+    # top of two logit solves that agree only to rounding)
+    kw = dict(mlp_sparsity=0.6, attn_sparsity=0.5, propagate="pruned", batch_size=8, report_images=8,
+              attn_output_fit=False)
     # the error-correcting logit fit reduces to the Sylvester form of the local fit on identical streams
     local = corp.prune(model, x, target="local", logit_solve="sylvester", **kw)
     ec = corp.prune(model, x, target="dense", **kw)
@@ -120,7 +123,9 @@ def test_softmax_aware_fits_prune_and_ignore_a_per_image_key_shift(logit_fit):
     with torch.no_grad():
         e = model.embed_dim
         shifted.blocks[0].attn.qkv.bias[e:2 * e] += 3.0 * torch.randn(e, generator=torch.Generator().manual_seed(3))
-    kw = dict(mlp_sparsity=0.0, attn_sparsity=0.5, batch_size=8, report_images=8, selection="residual")
+    # the logit fits alone: the attention output fit (on in corp's preset) would absorb part of the move
+    kw = dict(mlp_sparsity=0.0, attn_sparsity=0.5, batch_size=8, report_images=8, selection="residual",
+              attn_output_fit=False)
     outs = {}
     for name, m in (("base", model), ("shifted", shifted)):
         outs[name, logit_fit] = corp.prune(m, x, logit_fit=logit_fit, **kw)
