@@ -88,8 +88,9 @@ STATE_LOCATIONS = ("auto", "device", "cpu", "disk")
 # fidelity: at 50% it agrees with the dense model on 99.78% (A) and 100% (B) of the test images, the
 # factored default on 99.33% and 99.56%. It also removes the q/k residual greedy (eigensolves on the CPU).
 # attn_output_fit=True and mlp_token_weights="auto" (2026-12-01, late): MiniLM (real_model_ablation.py --calib 1024)
-# 0.9854 / 0.9539 / 0.8850 at 25/50/75% against 0.9839 / 0.9460 / 0.8663 without both (the output fit alone:
-# 0.9847 / 0.9518 / 0.8781). Digits (token weights stay off: pre-norm): A 96.67 / 97.11 / 96.89 / 96.89 at
+# 0.9855 / 0.9539 / 0.8849 at 25/50/75% against 0.9839 / 0.9460 / 0.8663 without both (the output fit alone,
+# its λ then fixed at the ridge: 0.9847 / 0.9518 / 0.8781). Cost: corp ÷ paper 1.75× against 1.48× on the
+# CPU (benchmarks/bench_prune.py; the output fit's dense and pruned attention pass). Digits (token weights stay off: pre-norm): A 96.67 / 97.11 / 96.89 / 96.89 at
 # 50/75/90/budget against 96.67 / 97.11 / 96.44 / 96.89; B 97.78 / 97.78 / 97.78 / 97.78 against
 # 97.78 / 98.22 / 98.22 / 97.78. The two B test images are the old default's departures from the dense model
 # (dense B 97.78): agreement with the dense model's top-1 is 100.00% at 75% against 99.56%, 98.67% at 90% in both.
