@@ -8,7 +8,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["load_fused_qkv_", "PrunedAttention", "PrunedRotaryAttention"]
+__all__ = ["load_fused_qkv_", "PrunedAttention", "PrunedRotaryAttention", "ReplaysFromHeads", "HeadsReplay"]
+
+
+class HeadsReplay(nn.Module):
+    """Stands in for an attention module :class:`ReplaysFromHeads`: whatever it is called with, it
+    returns ``proj_drop(proj(z))`` of that module for heads' outputs ``z`` ``(B, T, H·d_v)``
+    recorded before (the output projection's input), without recomputing the attention."""
+
+    def __init__(self, module: nn.Module, heads: torch.Tensor):
+        super().__init__()
+        self.inner, self.heads = module, heads
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.inner.proj_drop(self.inner.proj(self.heads))
+
+
+class ReplaysFromHeads:
+    """A mixin for attention modules whose output is exactly ``proj_drop(proj(z))`` of their output
+    projection's input ``z``: :meth:`replay` builds the stand-in that reuses a recorded ``z``
+    (corp.streams: the attention output fit's pass records it, and the MLP statistics pass that
+    follows replays it with the refitted projection)."""
+
+    def replay(self, heads: torch.Tensor) -> HeadsReplay:
+        return HeadsReplay(self, heads)
 
 
 @torch.no_grad()
@@ -23,7 +46,7 @@ def load_fused_qkv_(module: nn.Module, weights, qk_dim: int) -> None:
         module.qkv.bias.copy_(torch.cat([weights.b_q.reshape(-1), weights.b_k.reshape(-1), weights.b_v.reshape(-1)]))
 
 
-class PrunedAttention(nn.Module):
+class PrunedAttention(ReplaysFromHeads, nn.Module):
     """Multi-head self-attention with ``qk_dim`` query/key dims and ``head_dim`` value dims per head.
 
     A drop-in replacement for timm's ``Attention`` inside a ``Block``: same
@@ -99,7 +122,7 @@ class PrunedAttention(nn.Module):
         return f"num_heads={self.num_heads}, qk_dim={self.qk_dim}, head_dim={self.head_dim}, pad_qk={self.pad_qk}"
 
 
-class PrunedRotaryAttention(nn.Module):
+class PrunedRotaryAttention(ReplaysFromHeads, nn.Module):
     """Rotary multi-head self-attention keeping ``qk_dim`` of ``head_dim`` query/key dims per head, in
     whole rotary pairs; a drop-in replacement for timm's ``EvaAttention`` (call signature
     ``(x, rope=None, attn_mask=None, is_causal=False)``).

@@ -32,6 +32,8 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn as nn
 
+from .modules import ReplaysFromHeads
+
 __all__ = ["HiddenStates", "choose_location", "LOCATIONS", "Stream", "DenseStream", "PrunedStream", "TwoStreams",
            "capture", "swapped"]
 
@@ -326,7 +328,12 @@ class Stream:
                 with swapped(a, block, {"attn": module}):
                     out = capture_input(halves(a, block, mask)[0], a.attention(block).out_proj, x)
                 pair.append(out if mask is None else out[mask])
+            self._record_heads(j, pruned, out)
             yield tuple(pair)
+
+    def _record_heads(self, j: int, module: nn.Module, heads: torch.Tensor) -> None:
+        """Batch ``j``'s heads' outputs ``(B, T, H·d_v)`` of the pruned attention ``module`` (the
+        attention output fit's pass): streams that run that attention again may keep them."""
 
     def report_inputs(self) -> list[torch.Tensor]:
         return self._report_slice([self.states[j] for j in range(self.report_batches)])
@@ -435,9 +442,39 @@ class PrunedStream(Stream):
     and one pruned MLP half, instead of running the pruned attention twice.
     """
 
+    #: replay the heads' outputs the attention output fit's pass recorded in the MLP statistics pass
+    #: (:class:`corp.modules.ReplaysFromHeads`) instead of running the pruned attention again: the
+    #: same tensors, one attention pass per block fewer
+    replay_heads = True
+
     def begin(self, block, index, stats, dense):
         super().begin(block, index, stats, dense)
         self.after_attention: Optional[HiddenStates] = None
+        self._drop_heads()
+
+    def _drop_heads(self) -> None:
+        if getattr(self, "heads", None) is not None:
+            self.heads.close()
+        self.heads: Optional[HiddenStates] = None
+        self.heads_module: Optional[nn.Module] = None
+
+    def _record_heads(self, j, module, heads):
+        if not (self.replay_heads and isinstance(module, ReplaysFromHeads)):
+            return
+        if j == 0 or self.heads_module is not module:
+            self._drop_heads()
+            self.heads, self.heads_module = self.states.spawn(), module
+        if len(self.heads) == j:  # in order, once per batch
+            self.heads.append(heads)
+
+    def _first_half(self, block: nn.Module, j: int, x: torch.Tensor, first) -> torch.Tensor:
+        """``first(x)`` (the block's first half on batch ``j``), with the recorded heads' outputs of
+        the block's attention replayed when they are there (:meth:`_record_heads`)."""
+        module = self.adapter.attention(block).module
+        if self.heads is None or module is not self.heads_module or len(self.heads) != len(self.states):
+            return first(x)
+        with swapped(self.adapter, block, {"attn": module.replay(self.heads[j])}):
+            return first(x)
 
     def _start_after_attention(self) -> None:
         """Keep the first halves' outputs from now on, for :meth:`advance`."""
@@ -455,7 +492,7 @@ class PrunedStream(Stream):
         self._start_after_attention()
         for j, x in enumerate(self.states):
             first, second = halves(self.adapter, block, self.mask(j))
-            y = first(x)
+            y = self._first_half(block, j, x, first)
             self.after_attention.append(y)
             if weighted:  # the dense MLP's whole half: its output gives each token's weight
                 h, z = hidden_and_joined_sum(second, site, joins, y)
@@ -473,11 +510,17 @@ class PrunedStream(Stream):
             pruned = propagate(second, self.after_attention, nxt, self.report_batches, where, self.dp)
             self.after_attention.close()
             self.after_attention = None
+            self._drop_heads()
         else:
             pruned = propagate(lambda j, x: self.run(block, j, x), self.states, nxt, self.report_batches, where,
                                self.dp)
         self._move_to(nxt)
         return self._report_slice(pruned)
+
+
+    def close(self) -> None:
+        super().close()
+        self._drop_heads()
 
 
 class TwoStreams(PrunedStream):
@@ -510,7 +553,7 @@ class TwoStreams(PrunedStream):
         self.next_dense, finite = self.dense_states.spawn(), True
         for j, x in enumerate(self.states):
             first, second = halves(a, block, self.mask(j))
-            y = first(x)
+            y = self._first_half(block, j, x, first)
             self.after_attention.append(y)
             h_hat = capture(second, site, y)
             captured: list[torch.Tensor] = []

@@ -132,3 +132,29 @@ def test_output_fit_lowers_the_attention_error_on_the_calibration_tokens():
 def test_output_fit_option_is_validated():
     with pytest.raises(TypeError, match="attn_output_fit"):
         corp.PruneConfig.create(attn_output_fit="yes")
+
+
+@pytest.mark.parametrize("arch,size", [("vit_tiny_patch16_224", 32), ("eva02_tiny_patch14_224", 28)])
+def test_replayed_heads_give_the_recomputed_model_bit_for_bit(arch, size, monkeypatch):
+    """The pruned stream's MLP statistics pass replays the heads' outputs that the output fit's pass
+    recorded (corp.modules.ReplaysFromHeads) instead of running the pruned attention again: the
+    pruned model is bitwise the one recomputing them, and the replay ran once per batch and block."""
+    import timm
+
+    import corp.modules
+    from corp.streams import PrunedStream
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, img_size=size, depth=2).eval()
+    images = torch.randn(12, 3, size, size, generator=torch.Generator().manual_seed(1))
+    kw = dict(mlp_sparsity=0.5, attn_sparsity=0.5, batch_size=4, report_images=0)
+    replays = []
+    forward = corp.modules.HeadsReplay.forward
+    monkeypatch.setattr(corp.modules.HeadsReplay, "forward", lambda self, *a, **k: replays.append(1) or forward(self))
+    replayed = corp.prune(model, images, **kw)
+    assert len(replays) == 2 * 3  # blocks × batches
+    monkeypatch.setattr(PrunedStream, "replay_heads", False)
+    recomputed = corp.prune(model, images, **kw)
+    assert len(replays) == 2 * 3
+    for (name, a), b in zip(replayed.state_dict().items(), recomputed.state_dict().values()):
+        assert torch.equal(a, b), name
