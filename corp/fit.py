@@ -291,17 +291,18 @@ class AttentionOutputFit:
         s_zz, s_zo = cov[a:, a:].contiguous(), cov[a:, :a]
         scale = mlp_scale(s_zz)
         w_t = weight.T.to(cov)
-        s_zy = s_zo @ w_t - s_zz @ w_t  # Cov(z, y), y = W (o − z)
+        zo_w = s_zo @ w_t
+        s_zy = zo_w - s_zz @ w_t  # Cov(z, y), y = W (o − z)
         s_yy = cov[:a, :a] - cov[:a, a:] - cov[a:, :a] + s_zz
         trace_yy = torch.einsum("ia,ab,ib->", weight.to(cov), s_yy, weight.to(cov))
         steps = OUTPUT_FIT_GRID_DECADES * OUTPUT_FIT_GRID_PER_DECADE
         grid = damping(self.ridge, scale) * torch.logspace(0, OUTPUT_FIT_GRID_DECADES, steps + 1, dtype=cov.dtype,
                                                            device=cov.device)
         lam = grid[int(torch.argmin(gcv_scores(s_zz, s_zy, trace_yy, stats.count, bias is not None, grid)))]
-        sol, used = _solve_one(ctx.kernels, s_zz, s_zo @ w_t + lam * w_t, lam, "attention output system")
+        sol, used = _solve_one(ctx.kernels, s_zz, zo_w + lam * w_t, lam, "attention output system")
         if used != float(lam):  # the solver raised the damping: shrink towards W with the λ it used
             lam = torch.tensor(used, dtype=cov.dtype, device=cov.device)
-            sol, used = _solve_one(ctx.kernels, s_zz, s_zo @ w_t + lam * w_t, lam, "attention output system")
+            sol, used = _solve_one(ctx.kernels, s_zz, zo_w + lam * w_t, lam, "attention output system")
         new_weight = sol.T
         new_bias = None
         if bias is not None:

@@ -446,6 +446,8 @@ class PrunedStream(Stream):
     #: (:class:`corp.modules.ReplaysFromHeads`) instead of running the pruned attention again: the
     #: same tensors, one attention pass per block fewer
     replay_heads = True
+    heads: Optional[HiddenStates] = None  # the recorded heads' outputs, one entry per batch
+    heads_module: Optional[nn.Module] = None  # the pruned attention that produced them
 
     def begin(self, block, index, stats, dense):
         super().begin(block, index, stats, dense)
@@ -453,10 +455,9 @@ class PrunedStream(Stream):
         self._drop_heads()
 
     def _drop_heads(self) -> None:
-        if getattr(self, "heads", None) is not None:
+        if self.heads is not None:
             self.heads.close()
-        self.heads: Optional[HiddenStates] = None
-        self.heads_module: Optional[nn.Module] = None
+        self.heads, self.heads_module = None, None
 
     def _record_heads(self, j, module, heads):
         if not (self.replay_heads and isinstance(module, ReplaysFromHeads)):
@@ -516,7 +517,6 @@ class PrunedStream(Stream):
                                self.dp)
         self._move_to(nxt)
         return self._report_slice(pruned)
-
 
     def close(self) -> None:
         super().close()

@@ -71,12 +71,7 @@ def test_bad_sparsity_is_rejected_by_the_parser():
 
 
 def test_prune_under_torchrun_with_two_gloo_processes(folders):
-    """`torchrun --nproc_per_node 2 corp prune ...` equals a single-process run on the same images.
-
-    The attention output projections are compared through the models' outputs: their ridge solve
-    (100 calibration tokens for 48 inputs) moves them by up to 1.3e-3 of their largest entry along
-    directions the data hardly spans, and a single process moves them as much between batch sizes 2
-    and 5 (measured: 1.1e-4 against 8.9e-5 from two processes)."""
+    """`torchrun --nproc_per_node 2 corp prune ...` equals a single-process run on the same images."""
     import socket
 
     with socket.socket() as s:
@@ -95,12 +90,7 @@ def test_prune_under_torchrun_with_two_gloo_processes(folders):
     ddp, single = corp.load_pretrained(folders / "ddp"), corp.load_pretrained(folders / "single")
     assert ddp.corp_config["pruning"]["calibration_images"] == 10
     for k, v in single.state_dict().items():
-        if "attn.proj" not in k:
-            torch.testing.assert_close(ddp.state_dict()[k], v, rtol=1e-4, atol=1e-5)
-    images = torch.cat(list(calibration_loader(single, str(folders / "data"), None, 5, 0)))
-    with torch.no_grad():
-        reference = single(images)
-        torch.testing.assert_close(ddp(images), reference, rtol=0, atol=1e-4 * float(reference.abs().max()))
+        torch.testing.assert_close(ddp.state_dict()[k], v, rtol=1e-4, atol=1e-5)
 
 
 def test_prune_with_variants_and_budget_matches_the_api(folders):
