@@ -139,8 +139,9 @@ class FitContext:
     kernels: Kernels
     dp: object = None  # corp.distributed.DataParallel
     qkv_batches: Optional[Callable[[], Iterable[torch.Tensor]]] = None
-    # (dense attention module, pruned one) → per batch the two modules' head outputs (o, z), (B, T, A)
-    attention_outputs: Optional[Callable[[object, object], Iterable[tuple[torch.Tensor, torch.Tensor]]]] = None
+    # (dense attention module, pruned one[, q/k maps of corp.fold.qk_maps]) → per batch the two modules'
+    # head outputs (o, z), (B, T, A)
+    attention_outputs: Optional[Callable[..., Iterable[tuple[torch.Tensor, torch.Tensor]]]] = None
     block_index: Optional[int] = None  # for error messages
 
 

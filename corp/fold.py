@@ -15,7 +15,7 @@ import torch
 from .fit import MlpFit, QKProjection
 from .models.base import AttentionWeights, MlpWeights
 
-__all__ = ["fold_mlp", "fold_attention", "fold_attention_projection"]
+__all__ = ["fold_mlp", "fold_attention", "fold_attention_projection", "qk_maps", "folded_qkv"]
 
 
 def fold_mlp(weights: MlpWeights, kept: torch.Tensor, fit: Optional[MlpFit]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -88,3 +88,41 @@ def fold_attention_projection(weights: AttentionWeights, projection) -> Attentio
     b_q = (a @ weights.b_q[:, :, None])[:, :, 0] * r if weights.b_q is not None else None
     b_k = (c @ weights.b_k[:, :, None])[:, :, 0] if weights.b_k is not None else None
     return AttentionWeights(w_q, w_k, weights.w_v, b_q, b_k, weights.b_v)
+
+
+def qk_maps(kept: torch.Tensor, correction: Optional[Union[torch.Tensor, QKProjection]],
+            head_dim: int) -> QKProjection:
+    """The per-head linear maps :func:`fold_attention` applies to the dense q/k projection, the softmax
+    temperature included: the folded weights are ``W_Q' = a W_Q``, ``W_K' = c W_K`` (biases alike), so the
+    pruned module's queries and keys are ``a q`` and ``c k`` of the dense ones (:func:`folded_qkv`).
+
+    Args:
+        kept: ``(H, s)`` kept dims (unused for a :class:`~corp.fit.QKProjection` correction).
+        correction: as for :func:`fold_attention`: None, ``M`` ``(H, s, s)`` or a QKProjection.
+        head_dim: d.
+
+    Returns:
+        :class:`~corp.fit.QKProjection` with ``a``, ``c`` ``(H, s, d)``, fp64.
+    """
+    if isinstance(correction, QKProjection):
+        a, c = correction.a.to(torch.float64), correction.c.to(torch.float64)
+    else:
+        heads, keep = kept.shape
+        select = torch.zeros(heads, keep, head_dim, dtype=torch.float64, device=kept.device)
+        select.scatter_(2, kept[:, :, None], 1.0)
+        a = select
+        c = select if correction is None else (
+            torch.eye(keep, dtype=torch.float64, device=kept.device) + correction.to(torch.float64)) @ select
+    return QKProjection(a * math.sqrt(a.shape[1] / head_dim), c)
+
+
+def folded_qkv(qkv: torch.Tensor, maps: QKProjection, num_heads: int, head_dim: int) -> torch.Tensor:
+    """The pruned attention's fused projection output from the dense one: ``(..., 3·H·d)`` laid out
+    ``[q heads | k heads | v heads]`` → ``(..., H·(2s + d))``, ``[a q | c k | v]`` per head
+    (:func:`qk_maps`), in ``qkv``'s dtype. Equal to the folded module's own projection of the same
+    input up to rounding, at ``2·H·s·d`` multiply-adds per token instead of ``in·H·(2s + d)``."""
+    lead = qkv.shape[:-1]
+    x = qkv.reshape(*lead, 3, num_heads, head_dim)
+    q = torch.einsum("...hd,hsd->...hs", x[..., 0, :, :], maps.a.to(qkv))
+    k = torch.einsum("...hd,hsd->...hs", x[..., 1, :, :], maps.c.to(qkv))
+    return torch.cat([q.flatten(-2), k.flatten(-2), x[..., 2, :, :].flatten(-2)], dim=-1)

@@ -97,9 +97,15 @@ class PrunedAttention(ReplaysFromHeads, nn.Module):
         self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
     ) -> torch.Tensor:
         """``x``: ``(B, N, dim)`` → ``(B, N, dim)``."""
-        b, n, _ = x.shape
+        return self.proj_drop(self.proj(self.heads_from_qkv(self.qkv(x), attn_mask, is_causal)))
+
+    def heads_from_qkv(self, qkv: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                       is_causal: bool = False) -> torch.Tensor:
+        """The heads' concatenated outputs ``(B, N, H·head_dim)`` (the output projection's input) for
+        the fused projection's output ``qkv`` ``(B, N, H·(2·qk_dim + head_dim))``."""
+        b, n, _ = qkv.shape
         h, s, d = self.num_heads, self.qk_dim, self.head_dim
-        q, k, v = self.qkv(x).split([h * s, h * s, h * d], dim=-1)
+        q, k, v = qkv.split([h * s, h * s, h * d], dim=-1)
         q = q.view(b, n, h, s).transpose(1, 2)
         k = k.view(b, n, h, s).transpose(1, 2)
         v = v.view(b, n, h, d).transpose(1, 2)
@@ -115,8 +121,7 @@ class PrunedAttention(ReplaysFromHeads, nn.Module):
             is_causal=is_causal,
             scale=self.scale,
         )
-        out = out.transpose(1, 2).reshape(b, n, self.attn_dim)
-        return self.proj_drop(self.proj(out))
+        return out.transpose(1, 2).reshape(b, n, self.attn_dim)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, qk_dim={self.qk_dim}, head_dim={self.head_dim}, pad_qk={self.pad_qk}"

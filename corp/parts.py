@@ -28,7 +28,7 @@ from .fit import (
     PerImageLogitFit,
     SylvesterLogitFit,
 )
-from .fold import fold_attention, fold_mlp
+from .fold import fold_attention, fold_mlp, qk_maps
 from .ops import Kernels
 from .rotary import RotaryLogitFit, select_rotary_pairs
 from .select import EnergySelection, FactoredResidualSelection, ResidualSelection
@@ -112,15 +112,20 @@ class AttentionPruner:
             correction, lam = fit.fit(stats, kept, pruned, ctx)
         module = part.build(fold_attention(part.weights(), kept, correction), keep)
         if self.output_fit is not None and pruned.numel():
-            self._refit_output(adapter, block, part, module, ctx)
+            # rotary q/k are rotated after the projection: their pass runs the modules whole
+            maps = None if part.rotary else qk_maps(kept, correction, part.head_dim)
+            self._refit_output(adapter, block, part, module, ctx, maps)
         result = PrunedPart(module, kept, keep, seconds_selection=tock - tick, seconds_fit=time.perf_counter() - tock)
         if lam is not None:
             result.damping, result.relative_damping = float(lam.mean()), self.config.attn_ridge
         return result
 
-    def _refit_output(self, adapter, block: nn.Module, part, module: nn.Module, ctx: FitContext) -> None:
+    def _refit_output(self, adapter, block: nn.Module, part, module: nn.Module, ctx: FitContext,
+                      maps=None) -> None:
         """:class:`~corp.fit.AttentionOutputFit`: a second pass over the block's inputs through the
-        dense (``part``) and the pruned attention (``module``), then the new output projection."""
+        dense (``part``) and the pruned attention (``module``), then the new output projection.
+        ``maps`` (:func:`corp.fold.qk_maps`): how ``module``'s queries and keys follow from the dense
+        ones, so that the pass may compute both from one projection (``Stream.attention_outputs``)."""
         dense_proj = part.out_proj
         if dense_proj is None or ctx.attention_outputs is None:
             raise ValueError(f"attn_output_fit needs the attention's output projection, which the "
@@ -128,7 +133,7 @@ class AttentionPruner:
         with swapped(adapter, block, {"attn": module}):
             proj = adapter.attention(block).out_proj
         stats = AttentionOutputStatistics(dense_proj.in_features, dense_proj.weight.device, self.kernels)
-        for dense_out, pruned_out in ctx.attention_outputs(part.module, module):
+        for dense_out, pruned_out in ctx.attention_outputs(part.module, module, maps):
             stats.update(dense_out, pruned_out)
         stats.reduce_(ctx.dp)
         stats.check_finite(-1 if ctx.block_index is None else ctx.block_index)

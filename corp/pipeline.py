@@ -194,8 +194,8 @@ def prune(
             run.warn_if_rank_deficient(i, stats[name])
             record.seconds_statistics += time.perf_counter() - tick
             ctx = FitContext(run.kernels, dp, qkv_batches=lambda: stream.qkv_batches(block),
-                             attention_outputs=lambda dense_attn, pruned_attn: stream.attention_outputs(
-                                 block, dense_attn, pruned_attn), block_index=i)
+                             attention_outputs=lambda dense_attn, pruned_attn, maps=None: stream.attention_outputs(
+                                 block, dense_attn, pruned_attn, maps), block_index=i)
             result = pruner.prune(adapter, block, stats.pop(name), run.sparsity[name][i], ctx)
             adapter.set_part(block, name, result.module)
             record.add_part(name, result)
@@ -304,7 +304,8 @@ class _Run:
                                      masks=self.masks)
         elif config.propagate == "pruned":
             self.stream = PrunedStream(states, adapter, dp, report_batches, report_images=config.report_images,
-                                       masks=self.masks, token_weights=config.weighs_mlp_tokens)
+                                       masks=self.masks, token_weights=config.weighs_mlp_tokens,
+                                       keep_qkv=config.compensate and config.attn_output_fit)
         else:
             self.stream = DenseStream(states, adapter, dp, report_batches, report_images=config.report_images,
                                       masks=self.masks, token_weights=config.weighs_mlp_tokens)

@@ -86,6 +86,15 @@ AUTO_MLP_BLOCKS = 64
 FACTORED_GRAM_SHIFT = 1e-8
 
 
+# Precision of the MLP residual greedy (the inverse and the OBS downdates). fp32 halves its cost:
+# D = 1536 hidden channels, keep 768, 64 steps, 2-core CPU: 0.22 s against 0.46 s in fp64, the
+# same kept set, so the same objective J (a synthetic GELU covariance, 12,608 tokens; the test
+# test_mlp_greedy_in_fp32_keeps_the_fp64_channels checks the same at D = 256). The damping bounds
+# the condition number of H = Σ + λI by trace/λ, so the fp32 factor stays accurate; the fit that
+# follows (corp.fit.MlpRidgeFit) solves in fp64.
+GREEDY_DTYPE = torch.float32
+
+
 def auto_mlp_step(width: int, keep: int) -> int:
     """Block size used by ``step=0``: ``max(1, (width − keep) // AUTO_MLP_BLOCKS)``."""
     return max(1, (width - keep) // AUTO_MLP_BLOCKS)
@@ -176,7 +185,8 @@ def select_mlp_channels_by_residual(
     ``step=1`` is the exact greedy.
 
     Args:
-        cov: ``(D, D)`` centred covariance ``Σ`` of the hidden activations (fp64 used).
+        cov: ``(D, D)`` centred covariance ``Σ`` of the hidden activations (the greedy runs in
+            :data:`GREEDY_DTYPE`).
         w2: ``(out, D)`` fc2 weight.
         keep: channels kept, ``0 < keep ≤ D``.
         ridge: λ relative to ``mean(diag Σ)`` (fixed for all steps).
@@ -194,9 +204,9 @@ def select_mlp_channels_by_residual(
         raise ValueError("ridge must be non-negative")
     step = auto_mlp_step(width, keep) if step <= 0 else step
     cov = cov.to(torch.float64)
-    w2 = w2.detach().to(device=cov.device, dtype=torch.float64)
     lam = float(damping(ridge, mlp_scale(cov)))
-    alive, removed, _ = _mlp_greedy(cov, w2, keep, lam, step)
+    w2 = w2.detach().to(device=cov.device, dtype=GREEDY_DTYPE)
+    alive, removed, _ = _mlp_greedy(cov.to(GREEDY_DTYPE), w2, keep, lam, step)
     pruned = torch.cat(removed) if removed else alive.new_zeros(0)
     return torch.sort(alive).values, torch.sort(pruned).values
 

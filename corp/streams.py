@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn as nn
 
+from .fold import folded_qkv
 from .modules import ReplaysFromHeads
 
 __all__ = ["HiddenStates", "choose_location", "LOCATIONS", "Stream", "DenseStream", "PrunedStream", "TwoStreams",
@@ -276,8 +277,13 @@ class Stream:
 
     def __init__(self, states: HiddenStates, adapter, dp, report_batches: int, owns_states: bool = True,
                  report_images: Optional[int] = None, masks: Optional[list[Optional[torch.Tensor]]] = None,
-                 token_weights: Callable[[Optional[nn.Module]], bool] = lambda joins: False):
+                 token_weights: Callable[[Optional[nn.Module]], bool] = lambda joins: False,
+                 keep_qkv: bool = False):
         self.states, self.adapter, self.dp, self.report_batches = states, adapter, dp, report_batches
+        # keep the attention statistics pass's qkv projections for the attention output fit's pass
+        # (streams that compute them in a pass of their own: PrunedStream)
+        self.keep_qkv = keep_qkv
+        self.qkv_cache: Optional[HiddenStates] = None
         # whether a block's MLP statistics get 1/σ_t² weights, from its MlpPart.joins (PruneConfig.weighs_mlp_tokens)
         self.weighs_mlp_tokens = token_weights
         self.report_images = report_images
@@ -300,6 +306,7 @@ class Stream:
     def begin(self, block: nn.Module, index: int, stats: dict, dense: dict[str, nn.Module]) -> None:
         """Start ``block`` (``dense``: its unpruned part modules)."""
         self.index, self.dense, self.dense_outputs = index, dense, []
+        self._drop_qkv()
 
     def fill(self, block: nn.Module, name: str, stats) -> None:
         """Fill part ``name``'s statistics (the block's earlier parts are pruned by now)."""
@@ -316,12 +323,36 @@ class Stream:
                 for row in range(qkv.shape[0]):
                     yield qkv[row][mask[row]][None]
 
-    def attention_outputs(self, block: nn.Module, dense: nn.Module, pruned: nn.Module) -> Iterator[tuple]:
+    def attention_outputs(self, block: nn.Module, dense: nn.Module, pruned: nn.Module,
+                          maps=None) -> Iterator[tuple]:
         """Per batch of the stream's inputs to ``block``: the heads' concatenated outputs (the output
         projection's input) of the ``dense`` and of the ``pruned`` attention module, ``(o, z)``,
         each ``(B, T, H·d_v)`` (a second pass for :class:`corp.fit.AttentionOutputFit`); with token
-        masks, the real tokens only, ``(N, H·d_v)``."""
+        masks, the real tokens only, ``(N, H·d_v)``.
+
+        ``maps``: the :class:`~corp.fit.QKProjection` of :func:`corp.fold.qk_maps` that turned the
+        dense module's q/k projection into the pruned one's. With it, and where the family's
+        :attr:`~corp.models.base.AttentionPart.attend` exists (no token masks), both outputs come
+        from one dense qkv projection per batch (the statistics pass's, when it was kept): the
+        pruned queries and keys are ``a q``, ``c k`` (:func:`corp.fold.folded_qkv`), values shared.
+        Without it each module runs whole."""
         a = self.adapter
+        attends = []
+        for module in (dense, pruned):
+            with swapped(a, block, {"attn": module}):
+                attends.append(a.attention(block).attend)
+        if maps is not None and self.masks is None and None not in attends:
+            with swapped(a, block, {"attn": dense}):
+                part = a.attention(block)
+            cached = self.qkv_cache is not None and len(self.qkv_cache) == len(self.states)
+            for j, x in enumerate(self.states):
+                qkv = self.qkv_cache[j] if cached else part.qkv(x)
+                o = attends[0](qkv)
+                z = attends[1](folded_qkv(qkv, maps, part.num_heads, part.head_dim))
+                self._record_heads(j, pruned, z)
+                yield o, z
+            self._drop_qkv()  # read once: the MLP's passes do not need it
+            return
         for j, x in enumerate(self.states):
             pair, mask = [], self.mask(j)
             for module in (dense, pruned):
@@ -330,6 +361,27 @@ class Stream:
                 pair.append(out if mask is None else out[mask])
             self._record_heads(j, pruned, out)
             yield tuple(pair)
+
+    def _keep_qkv(self, j: int, qkv: torch.Tensor) -> None:
+        """Keep batch ``j``'s qkv projection ``(B, T, 3·H·d)`` for :meth:`attention_outputs` (with
+        ``keep_qkv``), in memory only: where all batches' would not fit in the device's or the host's
+        memory share (:func:`choose_location`), none are kept and that pass projects again."""
+        if not self.keep_qkv or self.masks is not None:
+            return
+        if j == 0:
+            self._drop_qkv()
+            nbytes = qkv.numel() * qkv.element_size() * len(self.states)
+            location = choose_location("auto", self.states.device, nbytes)
+            if location == "disk" or self.states.location == "disk":
+                return
+            self.qkv_cache = HiddenStates(location, self.states.device)
+        if self.qkv_cache is not None and len(self.qkv_cache) == j:
+            self.qkv_cache.append(qkv)
+
+    def _drop_qkv(self) -> None:
+        if self.qkv_cache is not None:
+            self.qkv_cache.close()
+        self.qkv_cache = None
 
     def _record_heads(self, j: int, module: nn.Module, heads: torch.Tensor) -> None:
         """Batch ``j``'s heads' outputs ``(B, T, H·d_v)`` of the pruned attention ``module`` (the
@@ -367,6 +419,7 @@ class Stream:
     def close(self) -> None:
         if self.owns_states:
             self.states.close()
+        self._drop_qkv()
 
     def _sites(self, block: nn.Module, stats: dict):
         """``(module to hook, function of its output)`` that fill each part's statistics."""
@@ -485,7 +538,9 @@ class PrunedStream(Stream):
         if name == "attn":  # what a hook on the qkv projection sees, without the rest of the block
             qkv = self.adapter.attention(block).qkv  # rotary families: the rotated q/k
             for j, x in enumerate(self.states):
-                self._update(stats.update, j)(qkv(x))
+                y = qkv(x)
+                self._update(stats.update, j)(y)
+                self._keep_qkv(j, y)
             return
         site, update = self._sites(block, {name: stats})[0]
         joins = self.adapter.mlp(block).joins
@@ -515,6 +570,7 @@ class PrunedStream(Stream):
         else:
             pruned = propagate(lambda j, x: self.run(block, j, x), self.states, nxt, self.report_batches, where,
                                self.dp)
+        self._drop_qkv()
         self._move_to(nxt)
         return self._report_slice(pruned)
 

@@ -134,11 +134,13 @@ def test_output_fit_option_is_validated():
         corp.PruneConfig.create(attn_output_fit="yes")
 
 
-@pytest.mark.parametrize("arch,size", [("vit_tiny_patch16_224", 32), ("eva02_tiny_patch14_224", 28)])
-def test_replayed_heads_give_the_recomputed_model_bit_for_bit(arch, size, monkeypatch):
+@pytest.mark.parametrize("arch,size,images", [("vit_tiny_patch16_224", 80, 36), ("eva02_tiny_patch14_224", 28, 12)])
+def test_replayed_heads_give_the_recomputed_model_bit_for_bit(arch, size, images, monkeypatch):
     """The pruned stream's MLP statistics pass replays the heads' outputs that the output fit's pass
-    recorded (corp.modules.ReplaysFromHeads) instead of running the pruned attention again: the
-    pruned model is bitwise the one recomputing them, and the replay ran once per batch and block."""
+    recorded (corp.modules.ReplaysFromHeads) instead of running the pruned attention again, and the
+    replay ran once per batch and block. Where that pass runs the pruned module whole (rotary eva02)
+    the pruned model is bitwise the one recomputing them; where it derives the pruned heads from the
+    dense projection (corp.fold.folded_qkv: vit) it equals it to fp32 rounding."""
     import timm
 
     import corp.modules
@@ -146,8 +148,10 @@ def test_replayed_heads_give_the_recomputed_model_bit_for_bit(arch, size, monkey
 
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False, img_size=size, depth=2).eval()
-    images = torch.randn(12, 3, size, size, generator=torch.Generator().manual_seed(1))
-    kw = dict(mlp_sparsity=0.5, attn_sparsity=0.5, batch_size=4, report_images=0)
+    # vit: 36 images of 26 tokens, full-rank statistics (936 tokens for 768 hidden channels), so that
+    # rounding-level differences of the heads cannot flip the MLP selection's ties
+    images = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(1))
+    kw = dict(mlp_sparsity=0.5, attn_sparsity=0.5, batch_size=images.shape[0] // 3, report_images=0)
     replays = []
     forward = corp.modules.HeadsReplay.forward
     monkeypatch.setattr(corp.modules.HeadsReplay, "forward", lambda self, *a, **k: replays.append(1) or forward(self))
@@ -157,4 +161,75 @@ def test_replayed_heads_give_the_recomputed_model_bit_for_bit(arch, size, monkey
     recomputed = corp.prune(model, images, **kw)
     assert len(replays) == 2 * 3
     for (name, a), b in zip(replayed.state_dict().items(), recomputed.state_dict().values()):
-        assert torch.equal(a, b), name
+        if arch.startswith("eva"):
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6, msg=name)  # weights O(0.1); measured ≤ 6e-7
+
+
+@pytest.mark.parametrize("kind", ["none", "sylvester", "projection"])
+def test_qk_maps_are_the_maps_the_fold_applies(kind):
+    """corp.fold.qk_maps: the folded q/k weights and biases are a·W_Q, c·W_K (a, c per head) for every
+    kind of correction fold_attention takes (none, M = the Sylvester correction, a QKProjection)."""
+    from corp.fit import QKProjection
+    from corp.fold import fold_attention, qk_maps
+    from corp.models.base import AttentionWeights
+
+    g = torch.Generator().manual_seed(3)
+    heads, d, width, keep = 3, 8, 20, 5
+    w = AttentionWeights(*(torch.randn(heads, d, width, generator=g, dtype=F64) for _ in range(3)),
+                         *(torch.randn(heads, d, generator=g, dtype=F64) for _ in range(3)))
+    kept = torch.stack([torch.randperm(d, generator=g)[:keep].sort().values for _ in range(heads)])
+    correction = {"none": None, "sylvester": 0.2 * torch.randn(heads, keep, keep, generator=g, dtype=F64),
+                  "projection": QKProjection(torch.randn(heads, keep, d, generator=g, dtype=F64),
+                                             torch.randn(heads, keep, d, generator=g, dtype=F64))}[kind]
+    folded = fold_attention(w, kept, correction)
+    maps = qk_maps(kept, correction, d)
+    assert torch.allclose(folded.w_q, maps.a @ w.w_q, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(folded.w_k, maps.c @ w.w_k, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(folded.b_q, (maps.a @ w.b_q[..., None])[..., 0], rtol=1e-12, atol=1e-12)
+    assert torch.allclose(folded.b_k, (maps.c @ w.b_k[..., None])[..., 0], rtol=1e-12, atol=1e-12)
+
+
+def test_output_fit_pass_derives_both_heads_from_the_kept_projection(monkeypatch):
+    """The pruned stream keeps the attention statistics pass's qkv projections; the output fit's pass
+    then computes the dense heads from them (bitwise the dense module's own) and the pruned heads by
+    corp.fold.folded_qkv (the pruned module's own to fp32 rounding), without projecting again."""
+    import timm
+
+    from corp.fit import LowRankLogitFit
+    from corp.fold import fold_attention, qk_maps
+    from corp.models import adapter_for
+    from corp.stats import AttentionStatistics
+    from corp.streams import HiddenStates, PrunedStream, capture_input, halves, swapped
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48, depth=1).eval()
+    block = model.blocks[0]
+    a = adapter_for(model)
+    states = HiddenStates("device", torch.device("cpu"))
+    for seed in (1, 2):
+        states.append(torch.randn(5, 10, 192, generator=torch.Generator().manual_seed(seed)))
+    stream = PrunedStream(states, a, corp.distributed.DataParallel(False), 0, keep_qkv=True)
+    part = a.attention(block)
+    stats = AttentionStatistics(part.num_heads, part.head_dim, torch.device("cpu"), centre_keys=True)
+    stream.begin(block, 0, {"attn": stats}, {"attn": part.module, "mlp": block.mlp})
+    stream.fill(block, "attn", stats)
+    assert stream.qkv_cache is not None and len(stream.qkv_cache) == 2
+    kept = torch.arange(32).repeat(part.num_heads, 1)
+    correction, _ = LowRankLogitFit(1e-3).fit(stats, kept, kept[:, :0], FitContext(REFERENCE))
+    pruned = part.build(fold_attention(part.weights(), kept, correction), 32)
+    projections = []
+    handle = part.module.qkv.register_forward_hook(lambda *_: projections.append(1))
+    pairs = list(stream.attention_outputs(block, part.module, pruned, qk_maps(kept, correction, part.head_dim)))
+    handle.remove()
+    assert projections == [] and stream.qkv_cache is None  # read from the cache, then dropped
+    for j, (o, z) in enumerate(pairs):
+        x = states[j]
+        for module, got, exact in ((part.module, o, True), (pruned, z, False)):
+            with swapped(a, block, {"attn": module}):
+                want = capture_input(halves(a, block, None)[0], a.attention(block).out_proj, x)
+            if exact:
+                assert torch.equal(got, want)
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -13,7 +13,9 @@ import torch
 from timm.layers import Mlp
 
 from corp.select import (
+    GREEDY_DTYPE,
     _mlp_greedy,
+    auto_mlp_step,
     factored_residual_scores,
     select_mlp_channels_by_residual,
     select_qk_dims_by_factored_residual,
@@ -157,6 +159,22 @@ def test_mlp_block_mode_error_bound():
         assert kept.numel() == 48 and pruned.numel() == 48
         assert torch.equal(torch.sort(torch.cat([kept, pruned])).values, torch.arange(96))
         assert mlp_compensated_error(cov, w2, kept, pruned, 1e-3) <= 1.05 * exact
+
+
+def test_mlp_greedy_in_fp32_keeps_the_fp64_channels():
+    """The selection runs the greedy in GREEDY_DTYPE (fp32): on correlated GELU activations it keeps the
+    channels the fp64 greedy keeps, and its objective J is the fp64 one."""
+    assert GREEDY_DTYPE == torch.float32
+    _, h = _mlp_data(12, d_in=48, hidden=256, out=64, n=3000)
+    w2 = torch.randn(64, 256, generator=torch.Generator().manual_seed(13), dtype=F64)
+    _, cov = _moments(h)
+    lam = 1e-3 * float(torch.diagonal(cov).mean())
+    step = auto_mlp_step(256, 96)
+    alive, _, _ = _mlp_greedy(cov, w2, 96, lam, step)
+    kept, pruned = select_mlp_channels_by_residual(cov, w2, 96, 1e-3)
+    assert torch.equal(kept, torch.sort(alive).values)
+    j64 = _mlp_ridge_objective(cov, w2, torch.sort(alive).values, _complement(torch.sort(alive).values, 256), lam)
+    assert _mlp_ridge_objective(cov, w2, kept, pruned, lam) == pytest.approx(j64, rel=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])

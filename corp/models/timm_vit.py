@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import Attention, LayerNorm, LayerScale, PatchEmbed, RmsNorm
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -277,6 +278,16 @@ def _build_attention(attn: Attention, weights: AttentionWeights, qk_dim: int) ->
     return new
 
 
+def _dense_heads(attn: Attention, qkv: torch.Tensor) -> torch.Tensor:
+    """timm ``Attention.forward`` from its qkv projection's output ``(B, N, 3·H·d)`` to the output
+    projection's input ``(B, N, H·d)`` (output norms and gates are refused by :func:`_check_supported`)."""
+    b, n, _ = qkv.shape
+    q, k, v = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    return attn.norm(out.transpose(1, 2).reshape(b, n, attn.attn_dim))
+
+
 class TimmViT(ModelAdapter):
     """timm ``VisionTransformer`` / ``VisionTransformerDistilled`` with pre-norm ``Block``, ``Attention``
     (q/k norms: MLP pruning only) and ``Mlp``/``SwiGLU``/``GluMlp``."""
@@ -315,6 +326,7 @@ class TimmViT(ModelAdapter):
             build=lambda weights, qk_dim: _build_attention(attn, weights, qk_dim),
             out_proj=attn.proj,
             refusal=None if isinstance(attn, PrunedAttention) or isinstance(attn.q_norm, nn.Identity) else QK_NORM_REFUSAL,
+            attend=attn.heads_from_qkv if isinstance(attn, PrunedAttention) else lambda qkv: _dense_heads(attn, qkv),
         )
 
     def mlp(self, block: nn.Module) -> MlpPart:
