@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["load_fused_qkv_", "PrunedAttention", "PrunedRotaryAttention", "ReplaysFromHeads", "HeadsReplay"]
+__all__ = ["load_fused_qkv_", "PrunedAttention", "PrunedRotaryAttention", "ReplaysFromHeads", "HeadsReplay",
+           "HiddenReplay"]
 
 
 class HeadsReplay(nn.Module):
@@ -22,6 +23,19 @@ class HeadsReplay(nn.Module):
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         return self.inner.proj_drop(self.inner.proj(self.heads))
+
+
+class HiddenReplay(nn.Module):
+    """Stands in for an MLP: whatever it is called with, it returns ``finish(hidden)``, the MLP's
+    output from a hidden activation ``hidden`` ``(B, T, D_h)`` recorded before
+    (:attr:`corp.models.base.MlpPart.from_hidden`), without the input projection."""
+
+    def __init__(self, finish, hidden: torch.Tensor):
+        super().__init__()
+        self.finish, self.hidden = finish, hidden
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.finish(self.hidden)
 
 
 class ReplaysFromHeads:

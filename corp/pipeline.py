@@ -202,7 +202,7 @@ def prune(
             kept[name] = result.kept
         dp.broadcast_module_(block)  # every rank holds rank 0's pruned block, bit for bit
         inputs = stream.report_inputs() if kept else []
-        outputs = stream.advance(block, report=bool(inputs))
+        outputs = stream.advance(block, report=bool(inputs), mlp_kept=kept.get("mlp"))
         if inputs:
             plain = {}
             if config.compensate:

@@ -89,10 +89,14 @@ FACTORED_GRAM_SHIFT = 1e-8
 # Precision of the MLP residual greedy (the inverse and the OBS downdates). fp32 halves its cost:
 # D = 1536 hidden channels, keep 768, 64 steps, 2-core CPU: 0.22 s against 0.46 s in fp64, the
 # same kept set, so the same objective J (a synthetic GELU covariance, 12,608 tokens; the test
-# test_mlp_greedy_in_fp32_keeps_the_fp64_channels checks the same at D = 256). The damping bounds
-# the condition number of H = Σ + λI by trace/λ, so the fp32 factor stays accurate; the fit that
-# follows (corp.fit.MlpRidgeFit) solves in fp64.
+# test_mlp_greedy_in_fp32_keeps_the_fp64_channels checks the same at D = 256). The damping keeps
+# H = Σ + λI far enough from singular for an fp32 factor only while it is not tiny: with exact
+# duplicate channels and ridge 1e-12 (tests/test_timm_families.py's exact gated fold) the fp32
+# greedy kept both copies of a pair for 1 seed in 8, the fp64 one for none. Below
+# GREEDY_FP32_MIN_RIDGE (relative, as ``ridge``) the greedy therefore runs in fp64. The fit that
+# follows (corp.fit.MlpRidgeFit) solves in fp64 either way.
 GREEDY_DTYPE = torch.float32
+GREEDY_FP32_MIN_RIDGE = 1e-4
 
 
 def auto_mlp_step(width: int, keep: int) -> int:
@@ -186,7 +190,7 @@ def select_mlp_channels_by_residual(
 
     Args:
         cov: ``(D, D)`` centred covariance ``Σ`` of the hidden activations (the greedy runs in
-            :data:`GREEDY_DTYPE`).
+            :data:`GREEDY_DTYPE`, in fp64 for ``ridge`` below :data:`GREEDY_FP32_MIN_RIDGE`).
         w2: ``(out, D)`` fc2 weight.
         keep: channels kept, ``0 < keep ≤ D``.
         ridge: λ relative to ``mean(diag Σ)`` (fixed for all steps).
@@ -205,8 +209,9 @@ def select_mlp_channels_by_residual(
     step = auto_mlp_step(width, keep) if step <= 0 else step
     cov = cov.to(torch.float64)
     lam = float(damping(ridge, mlp_scale(cov)))
-    w2 = w2.detach().to(device=cov.device, dtype=GREEDY_DTYPE)
-    alive, removed, _ = _mlp_greedy(cov.to(GREEDY_DTYPE), w2, keep, lam, step)
+    dtype = GREEDY_DTYPE if ridge >= GREEDY_FP32_MIN_RIDGE else torch.float64
+    w2 = w2.detach().to(device=cov.device, dtype=dtype)
+    alive, removed, _ = _mlp_greedy(cov.to(dtype), w2, keep, lam, step)
     pruned = torch.cat(removed) if removed else alive.new_zeros(0)
     return torch.sort(alive).values, torch.sort(pruned).values
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from .fold import folded_qkv
-from .modules import ReplaysFromHeads
+from .modules import HiddenReplay, ReplaysFromHeads
 
 __all__ = ["HiddenStates", "choose_location", "LOCATIONS", "Stream", "DenseStream", "PrunedStream", "TwoStreams",
            "capture", "swapped"]
@@ -370,13 +370,19 @@ class Stream:
             return
         if j == 0:
             self._drop_qkv()
-            nbytes = qkv.numel() * qkv.element_size() * len(self.states)
-            location = choose_location("auto", self.states.device, nbytes)
-            if location == "disk" or self.states.location == "disk":
-                return
-            self.qkv_cache = HiddenStates(location, self.states.device)
+            self.qkv_cache = self._memory_store(qkv)
         if self.qkv_cache is not None and len(self.qkv_cache) == j:
             self.qkv_cache.append(qkv)
+
+    def _memory_store(self, first: torch.Tensor) -> Optional[HiddenStates]:
+        """An empty store for one tensor like ``first`` per batch of the states, in the device's or the
+        host's memory (:func:`choose_location`); None where they would not fit there, or where the
+        states themselves are on disk (a cache is then not worth its memory)."""
+        nbytes = first.numel() * first.element_size() * len(self.states)
+        location = choose_location("auto", self.states.device, nbytes)
+        if location == "disk" or self.states.location == "disk":
+            return None
+        return HiddenStates(location, self.states.device)
 
     def _drop_qkv(self) -> None:
         if self.qkv_cache is not None:
@@ -402,9 +408,12 @@ class Stream:
             left -= t.shape[0]
         return out
 
-    def advance(self, block: nn.Module, report: bool = True) -> list[torch.Tensor]:
+    def advance(self, block: nn.Module, report: bool = True,
+                mlp_kept: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
         """Move past the pruned ``block``; return its outputs on the report batches (``report``:
-        whether they are wanted; a pruned stream computes them anyway)."""
+        whether they are wanted; a pruned stream computes them anyway). ``mlp_kept``: the hidden
+        channels the block's MLP kept (``(|S|,)``; None: not pruned, or not known), for streams that
+        advance the MLP from the hidden activations of its statistics pass."""
         raise NotImplementedError
 
     def raw(self) -> list[torch.Tensor]:
@@ -477,7 +486,7 @@ class DenseStream(Stream):
             self.dense_outputs = self._report_slice(propagate(run, self.states, self.next, self.report_batches,
                                                               f"the output of block {index}", self.dp))
 
-    def advance(self, block, report=True):
+    def advance(self, block, report=True, mlp_kept=None):
         pruned = []
         if report and self.report_batches:
             masks = self.report_masks() or [None] * self.report_batches
@@ -501,11 +510,17 @@ class PrunedStream(Stream):
     replay_heads = True
     heads: Optional[HiddenStates] = None  # the recorded heads' outputs, one entry per batch
     heads_module: Optional[nn.Module] = None  # the pruned attention that produced them
+    #: advance the pruned MLP from the kept channels of the hidden activations its statistics pass
+    #: recorded (:attr:`corp.models.base.MlpPart.from_hidden`) instead of running its input
+    #: projection again: the pruned MLP's hidden activation is those channels, to rounding
+    replay_hidden = True
+    hidden: Optional[HiddenStates] = None  # the MLP statistics pass's hidden activations, per batch
 
     def begin(self, block, index, stats, dense):
         super().begin(block, index, stats, dense)
         self.after_attention: Optional[HiddenStates] = None
         self._drop_heads()
+        self._drop_hidden()
 
     def _drop_heads(self) -> None:
         if self.heads is not None:
@@ -534,6 +549,19 @@ class PrunedStream(Stream):
         """Keep the first halves' outputs from now on, for :meth:`advance`."""
         self.after_attention = self.states.spawn()
 
+    def _keep_hidden(self, j: int, h: torch.Tensor) -> None:
+        """Keep batch ``j``'s dense MLP hidden activation ``(B, T, D_h)`` for :meth:`advance`."""
+        if j == 0:
+            self._drop_hidden()
+            self.hidden = self._memory_store(h) if self.replay_hidden else None
+        if self.hidden is not None and len(self.hidden) == j:
+            self.hidden.append(h)
+
+    def _drop_hidden(self) -> None:
+        if self.hidden is not None:
+            self.hidden.close()
+        self.hidden = None
+
     def fill(self, block, name, stats):
         if name == "attn":  # what a hook on the qkv projection sees, without the rest of the block
             qkv = self.adapter.attention(block).qkv  # rotary families: the rotated q/k
@@ -543,7 +571,8 @@ class PrunedStream(Stream):
                 self._keep_qkv(j, y)
             return
         site, update = self._sites(block, {name: stats})[0]
-        joins = self.adapter.mlp(block).joins
+        part = self.adapter.mlp(block)
+        joins = part.joins
         weighted = self.weighs_mlp_tokens(joins)
         self._start_after_attention()
         for j, x in enumerate(self.states):
@@ -554,19 +583,31 @@ class PrunedStream(Stream):
                 h, z = hidden_and_joined_sum(second, site, joins, y)
                 self._update(update, j)(h, weights=token_weights(z))
             else:
-                self._update(update, j)(capture(second, site, y))
+                h = capture(second, site, y)
+                self._update(update, j)(h)
+            if part.from_hidden is not None:
+                self._keep_hidden(j, h)
 
-    def advance(self, block, report=True):
+    def advance(self, block, report=True, mlp_kept=None):
         nxt = self.states.spawn()
         where = f"the output of block {self.index}"
         if self.after_attention is not None:  # only the MLP half is left to run
+            a = self.adapter
+            finish = a.mlp(block).from_hidden
+            replay = (mlp_kept is not None and finish is not None and self.hidden is not None
+                      and len(self.hidden) == len(self.after_attention))
+
             def second(j, y):
-                return halves(self.adapter, block, self.mask(j))[1](y)
+                if not replay:
+                    return halves(a, block, self.mask(j))[1](y)
+                with swapped(a, block, {"mlp": HiddenReplay(finish, self.hidden[j][..., mlp_kept])}):
+                    return halves(a, block, self.mask(j))[1](y)
 
             pruned = propagate(second, self.after_attention, nxt, self.report_batches, where, self.dp)
             self.after_attention.close()
             self.after_attention = None
             self._drop_heads()
+            self._drop_hidden()
         else:
             pruned = propagate(lambda j, x: self.run(block, j, x), self.states, nxt, self.report_batches, where,
                                self.dp)
@@ -577,11 +618,14 @@ class PrunedStream(Stream):
     def close(self) -> None:
         super().close()
         self._drop_heads()
+        self._drop_hidden()
 
 
 class TwoStreams(PrunedStream):
     """The pruned stream plus the dense model's stream (``dense_states``): statistics that want the
     dense activations (``stats.wants_dense``) get both, batch by batch."""
+
+    replay_hidden = False  # its MLP pass keeps no hidden activations; the pruned MLP runs whole
 
     def __init__(self, states: HiddenStates, dense_states: HiddenStates, adapter, dp, report_batches: int,
                  report_images: Optional[int] = None, masks: Optional[list[Optional[torch.Tensor]]] = None):
@@ -620,7 +664,7 @@ class TwoStreams(PrunedStream):
             self._update(stats.update, j)(h_hat, captured[0])
         check_finite(finite, f"the output of block {self.index} (dense stream)", self.dp)
 
-    def advance(self, block, report=True):
+    def advance(self, block, report=True, mlp_kept=None):
         pruned = super().advance(block, report)
         if self.next_dense is None:
             self.next_dense = self.dense_states.spawn()

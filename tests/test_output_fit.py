@@ -233,3 +233,35 @@ def test_output_fit_pass_derives_both_heads_from_the_kept_projection(monkeypatch
                 assert torch.equal(got, want)
             else:
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_pruned_stream_advances_the_mlp_from_the_recorded_hidden_activations(gated, monkeypatch):
+    """The pruned stream advances each block's pruned MLP from the kept channels of the hidden
+    activations its statistics pass recorded (corp.modules.HiddenReplay, once per batch and block)
+    instead of running its input projection again; the pruned model equals the one that runs the
+    pruned MLP whole, to fp32 rounding (plain and gated MLPs; full-rank statistics)."""
+    import timm
+    import torch.nn as nn
+    from timm.layers import SwiGLU
+
+    import corp.modules
+    from corp.streams import PrunedStream
+
+    torch.manual_seed(0)
+    extra = dict(mlp_layer=SwiGLU, act_layer=nn.SiLU) if gated else {}
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=80, depth=2, **extra).eval()
+    images = torch.randn(36, 3, 80, 80, generator=torch.Generator().manual_seed(1))
+    kw = dict(mlp_sparsity=0.5, attn_sparsity=0.5, batch_size=12, report_images=12)
+    replays = []
+    forward = corp.modules.HiddenReplay.forward
+    monkeypatch.setattr(corp.modules.HiddenReplay, "forward", lambda self, *a, **k: replays.append(1) or forward(self))
+    replayed = corp.prune(model, images, **kw)
+    assert len(replays) == 2 * 3  # blocks × batches
+    monkeypatch.setattr(PrunedStream, "replay_hidden", False)
+    whole = corp.prune(model, images, **kw)
+    assert len(replays) == 2 * 3
+    for (name, a), b in zip(replayed.state_dict().items(), whole.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6, msg=name)
+    for r, w in zip(replayed.corp_report.blocks, whole.corp_report.blocks):
+        assert r.error_compensated == pytest.approx(w.error_compensated, rel=1e-3)

@@ -14,6 +14,7 @@ from timm.layers import Mlp
 
 from corp.select import (
     GREEDY_DTYPE,
+    GREEDY_FP32_MIN_RIDGE,
     _mlp_greedy,
     auto_mlp_step,
     factored_residual_scores,
@@ -175,6 +176,10 @@ def test_mlp_greedy_in_fp32_keeps_the_fp64_channels():
     assert torch.equal(kept, torch.sort(alive).values)
     j64 = _mlp_ridge_objective(cov, w2, torch.sort(alive).values, _complement(torch.sort(alive).values, 256), lam)
     assert _mlp_ridge_objective(cov, w2, kept, pruned, lam) == pytest.approx(j64, rel=1e-12)
+    # below GREEDY_FP32_MIN_RIDGE the greedy is the fp64 one (tiny dampings leave H near-singular)
+    tiny = GREEDY_FP32_MIN_RIDGE / 10
+    alive, _, _ = _mlp_greedy(cov, w2, 96, tiny * float(torch.diagonal(cov).mean()), step)
+    assert torch.equal(select_mlp_channels_by_residual(cov, w2, 96, tiny)[0], torch.sort(alive).values)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])

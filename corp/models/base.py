@@ -214,6 +214,10 @@ class MlpPart:
             post-norm blocks name the normalisation module whose input that sum is (BERT's
             ``output.LayerNorm``); None (pre-norm blocks): the sum is the block's output, which the
             next normalisation reads. ``mlp_token_weights`` weights tokens by ``1/var`` of that sum.
+        from_hidden: ``from_hidden(h)`` → the module's output ``(B, T, out)`` from its hidden activation
+            ``h`` ``(B, T, D_h)`` (``hidden_site``'s output), without the input projection: a pruned
+            MLP's hidden activation is the kept channels of the dense one's on the same input, so the
+            pruned stream advances from the statistics pass's ``h``. None: not available.
     """
 
     module: nn.Module
@@ -222,6 +226,7 @@ class MlpPart:
     weights: Callable[[], MlpWeights]
     build: Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], nn.Module]
     joins: Optional[nn.Module] = None
+    from_hidden: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 class ModelAdapter:

@@ -109,6 +109,10 @@ class MlpKind:
         """The sub-module whose output is ``h`` ``(B, T, D_h)``, what fc2 reads."""
         return mlp.norm  # the identity (check): its output is the gated product after dropout
 
+    def from_hidden(self, mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """``mlp``'s output from ``hidden_site``'s output ``h``: what its forward computes after the site."""
+        return mlp.drop2(mlp.fc2(h))
+
     def weights(self, mlp: nn.Module) -> MlpWeights:
         raise NotImplementedError
 
@@ -123,7 +127,8 @@ class MlpKind:
     def part(self, mlp: nn.Module) -> MlpPart:
         return MlpPart(module=mlp, hidden=self.hidden(mlp), hidden_site=self.hidden_site(mlp),
                        weights=lambda: self.weights(mlp),
-                       build=lambda kept, w_out, b_out: self.build(mlp, kept, w_out, b_out))
+                       build=lambda kept, w_out, b_out: self.build(mlp, kept, w_out, b_out),
+                       from_hidden=lambda h: self.from_hidden(mlp, h))
 
     def describe(self, mlp: nn.Module) -> dict[str, Any]:
         """JSON-able: the kind and its options (activation included)."""
@@ -151,6 +156,9 @@ class PlainMlp(MlpKind):
 
     def hidden_site(self, mlp):
         return mlp.act
+
+    def from_hidden(self, mlp, h):
+        return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(h))))
 
     def weights(self, mlp):
         return MlpWeights(_f64(mlp.fc1.weight), _f64(mlp.fc1.bias), _f64(mlp.fc2.weight), _f64(mlp.fc2.bias))
