@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from .fold import folded_qkv
-from .modules import HiddenReplay, ReplaysFromHeads
+from .modules import HeadsReplay, HiddenReplay, ReplaysFromHeads
 
 __all__ = ["HiddenStates", "choose_location", "LOCATIONS", "Stream", "DenseStream", "PrunedStream", "TwoStreams",
            "capture", "swapped"]
@@ -350,6 +350,7 @@ class Stream:
                 o = attends[0](qkv)
                 z = attends[1](folded_qkv(qkv, maps, part.num_heads, part.head_dim))
                 self._record_heads(j, pruned, z)
+                self._record_dense_heads(j, dense, o)
                 yield o, z
             self._drop_qkv()  # read once: the MLP's passes do not need it
             return
@@ -388,6 +389,11 @@ class Stream:
         if self.qkv_cache is not None:
             self.qkv_cache.close()
         self.qkv_cache = None
+
+    def _record_dense_heads(self, j: int, module: nn.Module, heads: torch.Tensor) -> None:
+        """Batch ``j``'s heads' outputs ``(B, T, H·d_v)`` of the dense attention ``module``, computed
+        by :meth:`attention_outputs` from the kept projection: streams whose report needs the dense
+        block's outputs may keep the report batches'."""
 
     def _record_heads(self, j: int, module: nn.Module, heads: torch.Tensor) -> None:
         """Batch ``j``'s heads' outputs ``(B, T, H·d_v)`` of the pruned attention ``module`` (the
@@ -515,6 +521,7 @@ class PrunedStream(Stream):
     #: projection again: the pruned MLP's hidden activation is those channels, to rounding
     replay_hidden = True
     hidden: Optional[HiddenStates] = None  # the MLP statistics pass's hidden activations, per batch
+    dense_report_heads: list = []  # (dense attention, its heads' outputs) per report batch
 
     def begin(self, block, index, stats, dense):
         super().begin(block, index, stats, dense)
@@ -526,6 +533,32 @@ class PrunedStream(Stream):
         if self.heads is not None:
             self.heads.close()
         self.heads, self.heads_module = None, None
+        self.dense_report_heads = []
+
+    def _record_dense_heads(self, j, module, heads):
+        # the report compares the pruned block with the dense one on the report images: with the dense
+        # heads of those images kept, the dense block's outputs need its output projection and MLP
+        # only (bitwise the same: the same projection and attention ops on the same input). The
+        # heads come from AttentionPart.attend, whose modules end in proj_drop(proj(heads)): what
+        # HeadsReplay computes
+        if self.replay_heads and j < self.report_batches and hasattr(module, "proj") and hasattr(module, "proj_drop"):
+            if j == 0:
+                self.dense_report_heads = [(module, heads)]
+            elif len(self.dense_report_heads) == j and self.dense_report_heads[0][0] is module:
+                self.dense_report_heads.append((module, heads))
+
+    def _dense_report_outputs(self, block: nn.Module) -> list[torch.Tensor]:
+        """The dense block's outputs on the report inputs from the kept dense heads (empty if not kept)."""
+        kept = self.dense_report_heads
+        if len(kept) != self.report_batches or not self.report_batches or self.masks is not None:
+            return []
+        inputs = self.report_inputs()
+        out = []
+        for x, (module, heads) in zip(inputs, kept):
+            with swapped(self.adapter, block, {"attn": HeadsReplay(module, heads[: x.shape[0]]),
+                                               "mlp": self.dense["mlp"]}):
+                out.append(self.adapter.run_block(block, x))
+        return out
 
     def _record_heads(self, j, module, heads):
         if not (self.replay_heads and isinstance(module, ReplaysFromHeads)):
@@ -604,6 +637,8 @@ class PrunedStream(Stream):
                     return halves(a, block, self.mask(j))[1](y)
 
             pruned = propagate(second, self.after_attention, nxt, self.report_batches, where, self.dp)
+            if report:
+                self.dense_outputs = self._dense_report_outputs(block)
             self.after_attention.close()
             self.after_attention = None
             self._drop_heads()

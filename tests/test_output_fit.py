@@ -265,3 +265,30 @@ def test_pruned_stream_advances_the_mlp_from_the_recorded_hidden_activations(gat
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6, msg=name)
     for r, w in zip(replayed.corp_report.blocks, whole.corp_report.blocks):
         assert r.error_compensated == pytest.approx(w.error_compensated, rel=1e-3)
+
+
+def test_report_dense_outputs_from_the_kept_dense_heads_are_the_dense_block_bit_for_bit(monkeypatch):
+    """The pruned stream's report takes the dense block's outputs on the report images from the dense
+    heads the output fit's pass kept (its output projection and MLP only): bitwise the dense block run
+    whole on those inputs."""
+    import timm
+
+    import corp.pipeline
+    from corp.streams import swapped
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48, depth=2).eval()
+    images = torch.randn(20, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    seen = []
+    measure = corp.pipeline.measure_block_errors
+
+    def checked(adapter, block, inputs, outputs, dense_outputs, dense, plain, dp, masks=None):
+        with swapped(adapter, block, dense):
+            whole = [adapter.run_block(block, x) for x in inputs]
+        seen.append(len(dense_outputs))
+        assert len(dense_outputs) == len(whole) and all(torch.equal(a, b) for a, b in zip(dense_outputs, whole))
+        return measure(adapter, block, inputs, outputs, dense_outputs, dense, plain, dp, masks)
+
+    monkeypatch.setattr(corp.pipeline, "measure_block_errors", checked)
+    corp.prune(model, images, mlp_sparsity=0.5, attn_sparsity=0.5, batch_size=8, report_images=12)
+    assert seen == [2, 2]  # report images 0..11 in batches 0 and 1, both blocks
