@@ -506,8 +506,11 @@ class PrunedStream(Stream):
 
     The MLP's statistics need the pruned attention's output; that pass keeps the residual
     stream after the attention (``after_attention``), so :meth:`advance` runs only the MLP half
-    of the block: per block one qkv projection, one forward up to the MLP's hidden activation,
-    and one pruned MLP half, instead of running the pruned attention twice.
+    of the block. Per block and batch (timm ViT, default method): one dense qkv projection (the q/k
+    statistics; kept for the output fit's pass, ``keep_qkv``), the dense and the pruned attention
+    from it, the refitted output projection and the dense MLP up to its hidden activation (the MLP
+    statistics; kept, ``replay_hidden``), and the pruned MLP's output projection on the kept
+    channels: about one dense forward in projections, plus one attention.
     """
 
     #: replay the heads' outputs the attention output fit's pass recorded in the MLP statistics pass
@@ -528,12 +531,12 @@ class PrunedStream(Stream):
         self.after_attention: Optional[HiddenStates] = None
         self._drop_heads()
         self._drop_hidden()
+        self.dense_report_heads = []
 
     def _drop_heads(self) -> None:
         if self.heads is not None:
             self.heads.close()
         self.heads, self.heads_module = None, None
-        self.dense_report_heads = []
 
     def _record_dense_heads(self, j, module, heads):
         # the report compares the pruned block with the dense one on the report images: with the dense
@@ -639,6 +642,7 @@ class PrunedStream(Stream):
             pruned = propagate(second, self.after_attention, nxt, self.report_batches, where, self.dp)
             if report:
                 self.dense_outputs = self._dense_report_outputs(block)
+            self.dense_report_heads = []
             self.after_attention.close()
             self.after_attention = None
             self._drop_heads()

@@ -134,8 +134,23 @@ def test_output_fit_option_is_validated():
         corp.PruneConfig.create(attn_output_fit="yes")
 
 
+def _prune_with_and_without_replay(monkeypatch, replay_class, switch: str, model, images, **kw):
+    """``corp.prune`` twice: as is, counting ``replay_class.forward`` calls, then with the pruned
+    stream's ``switch`` (a class attribute) off. Returns both models and the replays of each run."""
+    from corp.streams import PrunedStream
+
+    replays = []
+    forward = replay_class.forward
+    monkeypatch.setattr(replay_class, "forward", lambda self, *a, **k: replays.append(1) or forward(self))
+    replayed = corp.prune(model, images, **kw)
+    first = len(replays)
+    monkeypatch.setattr(PrunedStream, switch, False)
+    whole = corp.prune(model, images, **kw)
+    return replayed, whole, (first, len(replays) - first)
+
+
 @pytest.mark.parametrize("arch,size,images", [("vit_tiny_patch16_224", 80, 36), ("eva02_tiny_patch14_224", 28, 12)])
-def test_replayed_heads_give_the_recomputed_model_bit_for_bit(arch, size, images, monkeypatch):
+def test_replayed_heads_give_the_recomputed_model(arch, size, images, monkeypatch):
     """The pruned stream's MLP statistics pass replays the heads' outputs that the output fit's pass
     recorded (corp.modules.ReplaysFromHeads) instead of running the pruned attention again, and the
     replay ran once per batch and block. Where that pass runs the pruned module whole (rotary eva02)
@@ -144,7 +159,6 @@ def test_replayed_heads_give_the_recomputed_model_bit_for_bit(arch, size, images
     import timm
 
     import corp.modules
-    from corp.streams import PrunedStream
 
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False, img_size=size, depth=2).eval()
@@ -152,14 +166,9 @@ def test_replayed_heads_give_the_recomputed_model_bit_for_bit(arch, size, images
     # rounding-level differences of the heads cannot flip the MLP selection's ties
     images = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(1))
     kw = dict(mlp_sparsity=0.5, attn_sparsity=0.5, batch_size=images.shape[0] // 3, report_images=0)
-    replays = []
-    forward = corp.modules.HeadsReplay.forward
-    monkeypatch.setattr(corp.modules.HeadsReplay, "forward", lambda self, *a, **k: replays.append(1) or forward(self))
-    replayed = corp.prune(model, images, **kw)
-    assert len(replays) == 2 * 3  # blocks × batches
-    monkeypatch.setattr(PrunedStream, "replay_heads", False)
-    recomputed = corp.prune(model, images, **kw)
-    assert len(replays) == 2 * 3
+    replayed, recomputed, replays = _prune_with_and_without_replay(
+        monkeypatch, corp.modules.HeadsReplay, "replay_heads", model, images, **kw)
+    assert replays == (2 * 3, 0)  # blocks × batches, then none
     for (name, a), b in zip(replayed.state_dict().items(), recomputed.state_dict().values()):
         if arch.startswith("eva"):
             assert torch.equal(a, b), name
@@ -246,21 +255,15 @@ def test_pruned_stream_advances_the_mlp_from_the_recorded_hidden_activations(gat
     from timm.layers import SwiGLU
 
     import corp.modules
-    from corp.streams import PrunedStream
 
     torch.manual_seed(0)
     extra = dict(mlp_layer=SwiGLU, act_layer=nn.SiLU) if gated else {}
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=80, depth=2, **extra).eval()
     images = torch.randn(36, 3, 80, 80, generator=torch.Generator().manual_seed(1))
     kw = dict(mlp_sparsity=0.5, attn_sparsity=0.5, batch_size=12, report_images=12)
-    replays = []
-    forward = corp.modules.HiddenReplay.forward
-    monkeypatch.setattr(corp.modules.HiddenReplay, "forward", lambda self, *a, **k: replays.append(1) or forward(self))
-    replayed = corp.prune(model, images, **kw)
-    assert len(replays) == 2 * 3  # blocks × batches
-    monkeypatch.setattr(PrunedStream, "replay_hidden", False)
-    whole = corp.prune(model, images, **kw)
-    assert len(replays) == 2 * 3
+    replayed, whole, replays = _prune_with_and_without_replay(
+        monkeypatch, corp.modules.HiddenReplay, "replay_hidden", model, images, **kw)
+    assert replays == (2 * 3, 0)  # blocks × batches, then none
     for (name, a), b in zip(replayed.state_dict().items(), whole.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6, msg=name)
     for r, w in zip(replayed.corp_report.blocks, whole.corp_report.blocks):
