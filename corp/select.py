@@ -46,6 +46,7 @@ every head and candidate (one batched eigen-Sylvester solve per step) and drops 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -97,6 +98,19 @@ FACTORED_GRAM_SHIFT = 1e-8
 # follows (corp.fit.MlpRidgeFit) solves in fp64 either way.
 GREEDY_DTYPE = torch.float32
 GREEDY_FP32_MIN_RIDGE = 1e-4
+
+
+@contextlib.contextmanager
+def _ieee_fp32_matmuls():
+    """fp32 products at full precision inside (``torch.set_float32_matmul_precision("highest")``):
+    a caller's ``"high"`` would run the greedy's fp32 products in TF32 on GPUs (10 mantissa bits),
+    far less than its downdates need."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def auto_mlp_step(width: int, keep: int) -> int:
@@ -211,7 +225,8 @@ def select_mlp_channels_by_residual(
     lam = float(damping(ridge, mlp_scale(cov)))
     dtype = GREEDY_DTYPE if ridge >= GREEDY_FP32_MIN_RIDGE else torch.float64
     w2 = w2.detach().to(device=cov.device, dtype=dtype)
-    alive, removed, _ = _mlp_greedy(cov.to(dtype), w2, keep, lam, step)
+    with _ieee_fp32_matmuls():
+        alive, removed, _ = _mlp_greedy(cov.to(dtype), w2, keep, lam, step)
     pruned = torch.cat(removed) if removed else alive.new_zeros(0)
     return torch.sort(alive).values, torch.sort(pruned).values
 

@@ -176,6 +176,20 @@ def test_mlp_greedy_in_fp32_keeps_the_fp64_channels():
     assert torch.equal(kept, torch.sort(alive).values)
     j64 = _mlp_ridge_objective(cov, w2, torch.sort(alive).values, _complement(torch.sort(alive).values, 256), lam)
     assert _mlp_ridge_objective(cov, w2, kept, pruned, lam) == pytest.approx(j64, rel=1e-12)
+    # a caller's TF32 setting does not reach the greedy's fp32 products, and is restored after
+    import corp.select as select
+
+    seen = []
+    greedy = select._mlp_greedy
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        select._mlp_greedy = lambda *a: seen.append(torch.get_float32_matmul_precision()) or greedy(*a)
+        assert torch.equal(select_mlp_channels_by_residual(cov, w2, 96, 1e-3)[0], kept)
+        assert seen == ["highest"] and torch.get_float32_matmul_precision() == "high"
+    finally:
+        select._mlp_greedy = greedy
+        torch.set_float32_matmul_precision(previous)
     # below GREEDY_FP32_MIN_RIDGE the greedy is the fp64 one (tiny dampings leave H near-singular)
     tiny = GREEDY_FP32_MIN_RIDGE / 10
     alive, _, _ = _mlp_greedy(cov, w2, 96, tiny * float(torch.diagonal(cov).mean()), step)
