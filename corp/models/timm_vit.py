@@ -280,7 +280,9 @@ def _build_attention(attn: Attention, weights: AttentionWeights, qk_dim: int) ->
 
 def _dense_heads(attn: Attention, qkv: torch.Tensor) -> torch.Tensor:
     """timm ``Attention.forward`` from its qkv projection's output ``(B, N, 3·H·d)`` to the output
-    projection's input ``(B, N, H·d)`` (output norms and gates are refused by :func:`_check_supported`)."""
+    projection's input ``(B, N, H·d)`` (output norms and gates are refused by :func:`_check_supported`):
+    bitwise the module's own where timm uses its fused attention (its default; with ``TIMM_FUSED_ATTN=0``
+    the module's explicit softmax rounds differently)."""
     b, n, _ = qkv.shape
     q, k, v = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
