@@ -206,6 +206,12 @@ def swapped(adapter, block: nn.Module, modules: dict[str, nn.Module]):
             adapter.set_part(block, name, module)
 
 
+def _close(store: Optional[HiddenStates]) -> None:
+    """Close ``store`` (if any); returns None, for ``self.cache = _close(self.cache)``."""
+    if store is not None:
+        store.close()
+
+
 def _finite(t: torch.Tensor) -> bool:
     # a sum is non-finite iff an element is (or the activations overflow, just as bad):
     # one reduction pass instead of isfinite's mask + all
@@ -338,10 +344,11 @@ class Stream:
         Without it each module runs whole."""
         a = self.adapter
         attends = []
-        for module in (dense, pruned):
-            with swapped(a, block, {"attn": module}):
-                attends.append(a.attention(block).attend)
-        if maps is not None and self.masks is None and None not in attends:
+        if maps is not None and self.masks is None:
+            for module in (dense, pruned):
+                with swapped(a, block, {"attn": module}):
+                    attends.append(a.attention(block).attend)
+        if attends and None not in attends:
             with swapped(a, block, {"attn": dense}):
                 part = a.attention(block)
             cached = self.qkv_cache is not None and len(self.qkv_cache) == len(self.states)
@@ -367,28 +374,25 @@ class Stream:
         """Keep batch ``j``'s qkv projection ``(B, T, 3·H·d)`` for :meth:`attention_outputs` (with
         ``keep_qkv``), in memory only: where all batches' would not fit in the device's or the host's
         memory share (:func:`choose_location`), none are kept and that pass projects again."""
-        if not self.keep_qkv or self.masks is not None:
-            return
-        if j == 0:
-            self._drop_qkv()
-            self.qkv_cache = self._memory_store(qkv)
-        if self.qkv_cache is not None and len(self.qkv_cache) == j:
-            self.qkv_cache.append(qkv)
+        if self.keep_qkv and self.masks is None:
+            self.qkv_cache = self._keep_batch(self.qkv_cache, j, qkv)
 
-    def _memory_store(self, first: torch.Tensor) -> Optional[HiddenStates]:
-        """An empty store for one tensor like ``first`` per batch of the states, in the device's or the
-        host's memory (:func:`choose_location`); None where they would not fit there, or where the
-        states themselves are on disk (a cache is then not worth its memory)."""
-        nbytes = first.numel() * first.element_size() * len(self.states)
-        location = choose_location("auto", self.states.device, nbytes)
-        if location == "disk" or self.states.location == "disk":
-            return None
-        return HiddenStates(location, self.states.device)
+    def _keep_batch(self, store: Optional[HiddenStates], j: int, t: torch.Tensor) -> Optional[HiddenStates]:
+        """``store`` with batch ``j``'s tensor ``t`` appended (batches arrive in order): at ``j == 0`` a
+        new store replaces it, in the device's or the host's memory (:func:`choose_location`), or None
+        where all batches' tensors would not fit there or the states themselves are on disk (a cache
+        is then not worth its memory)."""
+        if j == 0:
+            _close(store)
+            nbytes = t.numel() * t.element_size() * len(self.states)
+            location = choose_location("auto", self.states.device, nbytes)
+            store = None if "disk" in (location, self.states.location) else HiddenStates(location, self.states.device)
+        if store is not None and len(store) == j:
+            store.append(t)
+        return store
 
     def _drop_qkv(self) -> None:
-        if self.qkv_cache is not None:
-            self.qkv_cache.close()
-        self.qkv_cache = None
+        self.qkv_cache = _close(self.qkv_cache)
 
     def _record_dense_heads(self, j: int, module: nn.Module, heads: torch.Tensor) -> None:
         """Batch ``j``'s heads' outputs ``(B, T, H·d_v)`` of the dense attention ``module``, computed
@@ -524,7 +528,7 @@ class PrunedStream(Stream):
     #: projection again: the pruned MLP's hidden activation is those channels, to rounding
     replay_hidden = True
     hidden: Optional[HiddenStates] = None  # the MLP statistics pass's hidden activations, per batch
-    dense_report_heads: list = []  # (dense attention, its heads' outputs) per report batch
+    dense_report_heads: tuple = ()  # (dense attention, its heads' outputs) per report batch, once recorded a list
 
     def begin(self, block, index, stats, dense):
         super().begin(block, index, stats, dense)
@@ -534,9 +538,7 @@ class PrunedStream(Stream):
         self.dense_report_heads = []
 
     def _drop_heads(self) -> None:
-        if self.heads is not None:
-            self.heads.close()
-        self.heads, self.heads_module = None, None
+        self.heads, self.heads_module = _close(self.heads), None
 
     def _record_dense_heads(self, j, module, heads):
         # the report compares the pruned block with the dense one on the report images: with the dense
@@ -587,16 +589,11 @@ class PrunedStream(Stream):
 
     def _keep_hidden(self, j: int, h: torch.Tensor) -> None:
         """Keep batch ``j``'s dense MLP hidden activation ``(B, T, D_h)`` for :meth:`advance`."""
-        if j == 0:
-            self._drop_hidden()
-            self.hidden = self._memory_store(h) if self.replay_hidden else None
-        if self.hidden is not None and len(self.hidden) == j:
-            self.hidden.append(h)
+        if self.replay_hidden:
+            self.hidden = self._keep_batch(self.hidden, j, h)
 
     def _drop_hidden(self) -> None:
-        if self.hidden is not None:
-            self.hidden.close()
-        self.hidden = None
+        self.hidden = _close(self.hidden)
 
     def fill(self, block, name, stats):
         if name == "attn":  # what a hook on the qkv projection sees, without the rest of the block
