@@ -171,15 +171,17 @@ def _mlp_greedy(
     increases: list[torch.Tensor] = []
     while left > keep:
         b = min(step, left - keep)
-        score = wt.square().sum(1) / diag  # single-drop increase of J for every kept channel
-        score = score.masked_fill(~live, float("inf"))
+        # single-drop increase of J for every kept channel (one fused pass over wt; index_select below:
+        # column gathers by advanced indexing were 3x slower on the CPU)
+        score = torch.linalg.vector_norm(wt, dim=1).square_() / diag
+        score = score.masked_fill_(~live, float("inf"))
         drop = torch.topk(score, b, largest=False, sorted=False).indices
         f = factors[:done]
-        ut = g[drop].addmm_(f[:, drop].T, f, alpha=-1.0)  # (b, D) Hinv_J·: zero on removed columns
-        lc, _ = torch.linalg.cholesky_ex(ut[:, drop])  # Hinv_JJ, a principal block of an SPD inverse: factors
+        ut = g.index_select(0, drop).addmm_(f.index_select(1, drop).T, f, alpha=-1.0)  # (b, D) Hinv_J·: 0 on removed
+        lc, _ = torch.linalg.cholesky_ex(ut.index_select(1, drop))  # Hinv_JJ, a principal block of an SPD inverse
         vt = torch.linalg.solve_triangular(lc, ut, upper=False)  # (b, D) Lc⁻¹ Hinv_J·, the new rows of Vᵀ
         x = torch.linalg.solve_triangular(lc.T, vt, upper=True)  # (b, D) Hinv_JJ⁻¹ Hinv_J·
-        w_j = wt[drop]  # (b, out)
+        w_j = wt.index_select(0, drop)  # (b, out)
         increases.append(torch.linalg.solve_triangular(lc, w_j, upper=False).square().sum())  # ‖W'_J Lc⁻ᵀ‖²
         # Group OBS: re-optimise the survivors after removing the whole block
         wt.addmm_(x.T, w_j, alpha=-1.0)

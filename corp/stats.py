@@ -115,7 +115,9 @@ class _Statistics:
 
     def check_finite(self, block_index: int) -> None:
         """Raise ValueError naming the block if any accumulator holds NaN or Inf."""
-        if not all(bool(torch.isfinite(t).all()) for t in self.tensors()):
+        # a sum is finite iff every (fp64, far from overflow) entry is: one reduction per tensor instead
+        # of isfinite's mask and all (36 checks cost 0.14 s of a deit_small prune on the 2-core CPU)
+        if not all(bool(torch.isfinite(t.sum())) for t in self.tensors()):
             raise ValueError(f"non-finite {self.kind} statistics in block {block_index}")
 
 

@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn as nn
 
-from .fold import folded_qkv
+from .fold import query_map
 from .modules import HeadsReplay, HiddenReplay, ReplaysFromHeads
 
 __all__ = ["HiddenStates", "choose_location", "LOCATIONS", "Stream", "DenseStream", "PrunedStream", "TwoStreams",
@@ -206,6 +206,13 @@ def swapped(adapter, block: nn.Module, modules: dict[str, nn.Module]):
             adapter.set_part(block, name, module)
 
 
+def _kept_channels(h: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``h[..., kept]`` for activations ``h`` ``(..., D)`` and indices ``kept`` ``(k,)``: a row-wise
+    ``index_select`` on the 2-D view, 3x faster than advanced indexing on the last dim on the CPU
+    (5 ms vs 15 ms for a 32 x 197 x 1536 batch keeping 768, 2-core CPU; 0.24 s of a deit_small prune)."""
+    return h.reshape(-1, h.shape[-1]).index_select(1, kept).view(*h.shape[:-1], kept.numel())
+
+
 def _close(store: Optional[HiddenStates]) -> None:
     """Close ``store`` (if any); returns None, for ``self.cache = _close(self.cache)``."""
     if store is not None:
@@ -337,25 +344,20 @@ class Stream:
         masks, the real tokens only, ``(N, H·d_v)``.
 
         ``maps``: the :class:`~corp.fit.QKProjection` of :func:`corp.fold.qk_maps` that turned the
-        dense module's q/k projection into the pruned one's. With it, and where the family's
+        dense module's q/k projection into the pruned one's. With it, and where the dense module's
         :attr:`~corp.models.base.AttentionPart.attend` exists (no token masks), both outputs come
         from one dense qkv projection per batch (the statistics pass's, when it was kept): the
-        pruned queries and keys are ``a q``, ``c k`` (:func:`corp.fold.folded_qkv`), values shared.
-        Without it each module runs whole."""
+        pruned heads are the dense attention's with queries ``q @ Mq`` (:func:`corp.fold.query_map`),
+        equal to the pruned module's to rounding. Without it each module runs whole."""
         a = self.adapter
-        attends = []
-        if maps is not None and self.masks is None:
-            for module in (dense, pruned):
-                with swapped(a, block, {"attn": module}):
-                    attends.append(a.attention(block).attend)
-        if attends and None not in attends:
-            with swapped(a, block, {"attn": dense}):
-                part = a.attention(block)
+        with swapped(a, block, {"attn": dense}):
+            part = a.attention(block)
+        if maps is not None and self.masks is None and part.attend is not None:
+            mq = query_map(maps)
             cached = self.qkv_cache is not None and len(self.qkv_cache) == len(self.states)
             for j, x in enumerate(self.states):
                 qkv = self.qkv_cache[j] if cached else part.qkv(x)
-                o = attends[0](qkv)
-                z = attends[1](folded_qkv(qkv, maps, part.num_heads, part.head_dim))
+                o, z = part.attend(qkv), part.attend(qkv, mq)
                 self._record_heads(j, pruned, z)
                 self._record_dense_heads(j, dense, o)
                 yield o, z
@@ -633,7 +635,7 @@ class PrunedStream(Stream):
             def second(j, y):
                 if not replay:
                     return halves(a, block, self.mask(j))[1](y)
-                with swapped(a, block, {"mlp": HiddenReplay(finish, self.hidden[j][..., mlp_kept])}):
+                with swapped(a, block, {"mlp": HiddenReplay(finish, _kept_channels(self.hidden[j], mlp_kept))}):
                     return halves(a, block, self.mask(j))[1](y)
 
             pruned = propagate(second, self.after_attention, nxt, self.report_batches, where, self.dp)

@@ -155,7 +155,7 @@ def test_replayed_heads_give_the_recomputed_model(arch, size, images, monkeypatc
     recorded (corp.modules.ReplaysFromHeads) instead of running the pruned attention again, and the
     replay ran once per batch and block. Where that pass runs the pruned module whole (rotary eva02)
     the pruned model is bitwise the one recomputing them; where it derives the pruned heads from the
-    dense projection (corp.fold.folded_qkv: vit) it equals it to fp32 rounding."""
+    dense projection (corp.fold.query_map: vit) it equals it to fp32 rounding."""
     import timm
 
     import corp.modules
@@ -179,9 +179,10 @@ def test_replayed_heads_give_the_recomputed_model(arch, size, images, monkeypatc
 @pytest.mark.parametrize("kind", ["none", "sylvester", "projection"])
 def test_qk_maps_are_the_maps_the_fold_applies(kind):
     """corp.fold.qk_maps: the folded q/k weights and biases are a·W_Q, c·W_K (a, c per head) for every
-    kind of correction fold_attention takes (none, M = the Sylvester correction, a QKProjection)."""
+    kind of correction fold_attention takes (none, M = the Sylvester correction, a QKProjection), and
+    query_map's queries give the pruned module's logits."""
     from corp.fit import QKProjection
-    from corp.fold import fold_attention, qk_maps
+    from corp.fold import fold_attention, qk_maps, query_map
     from corp.models.base import AttentionWeights
 
     g = torch.Generator().manual_seed(3)
@@ -198,12 +199,19 @@ def test_qk_maps_are_the_maps_the_fold_applies(kind):
     assert torch.allclose(folded.w_k, maps.c @ w.w_k, rtol=1e-12, atol=1e-12)
     assert torch.allclose(folded.b_q, (maps.a @ w.b_q[..., None])[..., 0], rtol=1e-12, atol=1e-12)
     assert torch.allclose(folded.b_k, (maps.c @ w.b_k[..., None])[..., 0], rtol=1e-12, atol=1e-12)
+    # corp.fold.query_map: the pruned module's logits s^-½ (a q)ᵀ(c k) are the dense attention's with
+    # queries q @ Mq and the dense keys and scale, d^-½ (q @ Mq)ᵀ k
+    q, k = (torch.randn(heads, 7, d, generator=g, dtype=F64) for _ in range(2))
+    pruned_logits = (q @ maps.a.transpose(1, 2)) @ (k @ maps.c.transpose(1, 2)).transpose(1, 2) * keep ** -0.5
+    mapped_logits = (q @ query_map(maps)) @ k.transpose(1, 2) * d ** -0.5
+    assert torch.allclose(mapped_logits, pruned_logits, rtol=1e-12, atol=1e-12)
 
 
 def test_output_fit_pass_derives_both_heads_from_the_kept_projection(monkeypatch):
     """The pruned stream keeps the attention statistics pass's qkv projections; the output fit's pass
     then computes the dense heads from them (bitwise the dense module's own) and the pruned heads by
-    corp.fold.folded_qkv (the pruned module's own to fp32 rounding), without projecting again."""
+    the dense attention with queries q @ corp.fold.query_map (the pruned module's own to fp32 rounding),
+    without projecting again."""
     import timm
 
     from corp.fit import LowRankLogitFit

@@ -38,3 +38,25 @@ def test_mlp_statistics_mean_covariance_and_diag_only_mode():
     torch.testing.assert_close(full.second_moment_diag(), diag.second_moment_diag(), rtol=1e-6, atol=1e-6)
     with pytest.raises(RuntimeError):
         diag.mean_and_covariance()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_check_finite_names_the_block_for_any_non_finite_entry(bad):
+    """One NaN or ±Inf activation anywhere makes check_finite raise, naming the block (finite
+    statistics pass, including ones with entries of both signs that cancel in a sum)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 9, 6, generator=g, dtype=torch.float64)
+    fine = MLPStatistics(6, torch.device("cpu"))
+    fine.update(torch.cat([h, -h]))  # Σ h = 0: cancellation must not matter
+    fine.check_finite(3)
+    h[1, 4, 2] = bad
+    stats = MLPStatistics(6, torch.device("cpu"))
+    stats.update(h)
+    with pytest.raises(ValueError, match="non-finite MLP statistics in block 3"):
+        stats.check_finite(3)
+    attn = AttentionStatistics(2, 3, torch.device("cpu"))
+    qkv = torch.randn(1, 5, 18, generator=g)
+    qkv[0, 2, 7] = bad
+    attn.update(qkv)
+    with pytest.raises(ValueError, match="non-finite query/key statistics in block 5"):
+        attn.check_finite(5)

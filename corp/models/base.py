@@ -176,11 +176,13 @@ class AttentionPart:
         rotary: q/k dims are rotary pairs (``2i, 2i+1``): they are pruned in whole pairs and the
             logit fit is restricted to a scaled rotation per kept pair (:mod:`corp.rotary`); the
             statistics (``qkv``) see the rotated queries and keys.
-        attend: ``attend(qkv)`` → the heads' concatenated outputs ``(B, T, H·d_v)`` (``out_proj``'s
-            input) from what ``qkv`` returns ``(B, T, 3·H·d)`` (a pruned module's own layout for a
-            pruned module), without the projection: the attention output fit's pass computes the
-            dense and the pruned heads from one cached projection with it. None: not available (the
-            pass then runs the attention modules whole).
+        attend: ``attend(qkv, query_map=None)`` → the heads' concatenated outputs ``(B, T, H·d_v)``
+            (``out_proj``'s input) of the dense module from what ``qkv`` returns ``(B, T, 3·H·d)``,
+            without the projection; with ``query_map`` ``(H, d, d)`` those of the same attention
+            with queries ``q @ query_map`` per head (keys, values and softmax scale unchanged:
+            :func:`corp.fold.query_map`). The attention output fit's pass computes the dense and
+            the pruned heads from one cached projection with it. None: not available (that pass
+            then runs the attention modules whole).
     """
 
     module: nn.Module
@@ -194,7 +196,7 @@ class AttentionPart:
     refusal: Optional[str] = None
     qkv_from_site: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     rotary: bool = False
-    attend: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    attend: Optional[Callable[..., torch.Tensor]] = None
 
 
 @dataclass

@@ -278,14 +278,17 @@ def _build_attention(attn: Attention, weights: AttentionWeights, qk_dim: int) ->
     return new
 
 
-def _dense_heads(attn: Attention, qkv: torch.Tensor) -> torch.Tensor:
+def _dense_heads(attn: Attention, qkv: torch.Tensor, query_map: Optional[torch.Tensor] = None) -> torch.Tensor:
     """timm ``Attention.forward`` from its qkv projection's output ``(B, N, 3·H·d)`` to the output
     projection's input ``(B, N, H·d)`` (output norms and gates are refused by :func:`_check_supported`):
     bitwise the module's own where timm uses its fused attention (its default; with ``TIMM_FUSED_ATTN=0``
-    the module's explicit softmax rounds differently)."""
+    the module's explicit softmax rounds differently). ``query_map`` ``(H, d, d)``: the queries are
+    ``q @ query_map`` per head instead (:func:`corp.fold.query_map`; q/k norms are refused then)."""
     b, n, _ = qkv.shape
     q, k, v = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    if query_map is not None:
+        q = torch.matmul(q, query_map.to(q))  # (B, H, N, d) @ (H, d, d)
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     return attn.norm(out.transpose(1, 2).reshape(b, n, attn.attn_dim))
 
@@ -328,7 +331,7 @@ class TimmViT(ModelAdapter):
             build=lambda weights, qk_dim: _build_attention(attn, weights, qk_dim),
             out_proj=attn.proj,
             refusal=None if isinstance(attn, PrunedAttention) or isinstance(attn.q_norm, nn.Identity) else QK_NORM_REFUSAL,
-            attend=attn.heads_from_qkv if isinstance(attn, PrunedAttention) else lambda qkv: _dense_heads(attn, qkv),
+            attend=None if isinstance(attn, PrunedAttention) else partial(_dense_heads, attn),
         )
 
     def mlp(self, block: nn.Module) -> MlpPart:
