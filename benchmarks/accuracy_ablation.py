@@ -77,8 +77,8 @@ MODELS: dict[str, dict[str, Any]] = {
         overrides=dict(embed_dim=128, num_heads=8, depth=5, qkv_bias=False, class_token=False, global_pool="avg"),
     ),
     # the tiny models of the other families (corp.demo.DIGITS_FAMILIES; tests/test_digits_families.py)
-    "swiglu": dict(label="SwiGLU ViT (tiny, 3 blocks, dim 64, 30 epochs)", overrides=dict(family="swiglu_vit")),
-    "eva": dict(label="rotary Eva (tiny, 3 blocks, dim 64, SwiGLUPacked, 30 epochs)", overrides=dict(family="eva")),
+    "swiglu": dict(label="SwiGLU ViT (tiny, 3 blocks, dim 64, 60 epochs)", overrides=dict(family="swiglu_vit")),
+    "eva": dict(label="rotary Eva (tiny, 3 blocks, dim 64, SwiGLUPacked, 60 epochs)", overrides=dict(family="eva")),
 }
 
 PAPER = dict(method="paper")

@@ -44,7 +44,7 @@ def tiny_vit(**overrides):
 @pytest.fixture(scope="session", params=["swiglu_vit", "eva"])
 def digits_family_model(request, digits_data):
     """``(family, model)``: the tiny gated-MLP ViT and the tiny rotary Eva of corp.demo.DIGITS_FAMILIES,
-    trained on digits once per machine and cached like the demo's ViT (about a minute each)."""
+    trained on digits once per machine and cached like the demo's ViT (under a minute each)."""
     from corp.demo import digits_vit
 
     return request.param, digits_vit(digits_data, cache=True, family=request.param)
