@@ -67,6 +67,22 @@ def mean_pooled(model, batch) -> torch.Tensor:
     return torch.nn.functional.normalize(emb, dim=-1)
 
 
+# how every MiniLM script tokenises: padded per batch, at most 128 tokens
+ENCODING = dict(padding=True, truncation=True, max_length=128, return_tensors="pt")
+
+
+def token_batches(tok, sentences: list[str], batch_size: int = 64) -> list[dict]:
+    """``sentences`` tokenised in batches of ``batch_size`` (dicts of ``input_ids``, ``attention_mask``)."""
+    return [tok(sentences[i:i + batch_size], **ENCODING) for i in range(0, len(sentences), batch_size)]
+
+
+def calibration_setup(calib: int, batch_size: int = 64):
+    """``(model, batches)``: all-MiniLM-L6-v2 and its first ``calib`` calibration sentences (every other
+    docstring sentence, as :func:`split` takes them), tokenised, for the experiments that prune it."""
+    model, tok = load_minilm()
+    return model, token_batches(tok, docstring_sentences()[0:2 * calib:2], batch_size)
+
+
 def split(sentences: list[str], calib: int, held_out: int) -> tuple[list[str], list[str]]:
     """Every other sentence to calibration until ``calib``, the rest (interleaved) held out."""
     return sentences[0:2 * calib:2], sentences[1:2 * held_out:2]
@@ -84,8 +100,7 @@ def main() -> None:
     torch.set_num_threads(2)
     model, tok = load_minilm()
     calib, test = split(docstring_sentences(), args.calib, args.held_out)
-    enc = dict(padding=True, truncation=True, max_length=128, return_tensors="pt")
-    calib_batch, test_batch = tok(calib, **enc), tok(test, **enc)
+    calib_batch, test_batch = tok(calib, **ENCODING), tok(test, **ENCODING)
     dense = mean_pooled(model, test_batch)
     rows = {}
     for label, kw in (("corp", dict(method="corp")), ("paper", dict(method="paper")),

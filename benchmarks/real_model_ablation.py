@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import corp  # noqa: E402
 import corp.budget  # noqa: E402
-from minilm_cosine import docstring_sentences, load_minilm, mean_pooled  # noqa: E402
+from minilm_cosine import ENCODING, docstring_sentences, load_minilm, mean_pooled, token_batches  # noqa: E402
 
 # The variants measured before the attention output fit and the token weights joined corp's preset
 # (2026-12-01, late) pin both off (OLD_CORP) so that their README rows reproduce.
@@ -99,9 +99,8 @@ def main(argv=None) -> int:
     if len(sentences) < args.calib + args.test:
         ap.error(f"only {len(sentences)} sentences available for {args.calib} + {args.test}")
     calib, test = sentences[0:2 * args.calib:2], sentences[1:2 * args.test:2]
-    enc = dict(padding=True, truncation=True, max_length=128, return_tensors="pt")
-    batches = [tok(calib[i:i + args.batch_size], **enc) for i in range(0, len(calib), args.batch_size)]
-    test_batch = tok(test, **enc)
+    batches = token_batches(tok, calib, args.batch_size)
+    test_batch = tok(test, **ENCODING)
     dense = mean_pooled(model, test_batch)
     tick = time.perf_counter()
     mean_pooled(model, batches[0])

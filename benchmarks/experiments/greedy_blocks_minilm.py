@@ -23,7 +23,7 @@ import corp  # noqa: E402
 import corp.select as select  # noqa: E402
 from corp.fit import damping, mlp_scale  # noqa: E402
 from greedy_precision_minilm import ridge_objective  # noqa: E402
-from minilm_cosine import docstring_sentences, load_minilm  # noqa: E402
+from minilm_cosine import calibration_setup  # noqa: E402
 
 BLOCKS = (64, 32, 16)
 
@@ -34,10 +34,7 @@ def main() -> int:
     ap.add_argument("--sparsity", type=float, default=0.5)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model, tok = load_minilm()
-    calib = docstring_sentences()[0:2 * args.calib:2]
-    enc = dict(padding=True, truncation=True, max_length=128, return_tensors="pt")
-    batches = [tok(calib[i:i + 64], **enc) for i in range(0, len(calib), 64)]
+    model, batches = calibration_setup(args.calib)
     original = select.select_mlp_channels_by_residual
     print(f"# all-MiniLM-L6-v2, {args.calib} sentences, {args.sparsity:.0%}: J(kept) / J(exact greedy) − 1")
 

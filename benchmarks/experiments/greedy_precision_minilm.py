@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 import corp  # noqa: E402
 import corp.select as select  # noqa: E402
 from corp.fit import damping, mlp_scale  # noqa: E402
-from minilm_cosine import docstring_sentences, load_minilm  # noqa: E402
+from minilm_cosine import calibration_setup  # noqa: E402
 
 
 def ridge_objective(cov, w2, kept, lam):
@@ -40,10 +40,7 @@ def main() -> int:
     ap.add_argument("--sparsity", type=float, default=0.5)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model, tok = load_minilm()
-    calib = docstring_sentences()[0:2 * args.calib:2]
-    enc = dict(padding=True, truncation=True, max_length=128, return_tensors="pt")
-    batches = [tok(calib[i:i + 64], **enc) for i in range(0, len(calib), 64)]
+    model, batches = calibration_setup(args.calib)
     original = select.select_mlp_channels_by_residual
 
     def both(cov, w2, keep, ridge, step=0):
