@@ -20,6 +20,7 @@ __all__ = [
     "gram_update_",
     "attention_stats_update_",
     "symmetrize_upper",
+    "symmetrize_upper_",
     "cholesky_with_retries",
     "ridge_solve",
     "GRAM_TILE",
@@ -117,6 +118,27 @@ def symmetrize_upper(gram: torch.Tensor) -> torch.Tensor:
     """Return the symmetric matrix whose upper triangle is ``gram``'s. ``(..., D, D)``."""
     upper = torch.triu(gram)
     return upper + torch.triu(gram, diagonal=1).transpose(-1, -2)
+
+
+# Tile of symmetrize_upper_: each lower tile is one transposed copy of a tile of at most this size.
+# D = 1536 fp64 on the 2-core CPU: 4.1 ms with 256, against 17.9 ms for triu + transposed add of the
+# whole matrix (the transposed read of a D² operand is what costs), and no D² temporary.
+SYMMETRIZE_TILE = 256
+
+
+def symmetrize_upper_(gram: torch.Tensor, tile: int = SYMMETRIZE_TILE) -> torch.Tensor:
+    """In place: overwrite the strict lower triangle of ``gram`` ``(D, D)`` with its upper triangle's
+    transpose (the symmetric matrix of :func:`symmetrize_upper`), tile by tile; returns ``gram``."""
+    d = gram.shape[-1]
+    if gram.dim() != 2 or gram.shape[0] != d:
+        raise ValueError(f"gram must be (D, D), got {tuple(gram.shape)}")
+    for i in range(0, d, tile):
+        rows = slice(i, min(i + tile, d))
+        for j in range(0, i, tile):
+            gram[rows, j:j + tile] = gram[j:j + tile, rows].T
+        diag = gram[rows, rows]
+        diag.copy_(symmetrize_upper(diag))
+    return gram
 
 
 def cholesky_with_retries(

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .ops import REFERENCE, Kernels
-from .reference import chunk_dtype
+from .reference import chunk_dtype, symmetrize_upper_
 
 __all__ = ["MLPStatistics", "AttentionStatistics", "AttentionOutputStatistics", "qk_heads", "key_outer_update_", "centred_key_gram"]
 
@@ -219,21 +219,17 @@ class MLPStatistics(_Statistics):
     def mean_and_covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``μ = s/n`` ``(D_h,)`` and ``Σ = G/n − μμᵀ`` ``(D_h, D_h)``, float64 (``n = Σ w`` with token weights).
 
-        The covariance is formed in the Gram's own storage (one D_h² temporary
-        instead of four: 210 MB each at D_h = 5120), so the statistics accept no
-        further updates afterwards; later calls return the same tensors.
+        The covariance is formed in the Gram's own storage, its lower triangle written
+        tile by tile (:func:`corp.reference.symmetrize_upper_`: no D_h² temporary, where
+        four cost 210 MB each at D_h = 5120), so the statistics accept no further
+        updates afterwards; later calls return the same tensors.
         """
         if not self.full:
             raise RuntimeError("covariance needs the full Gram matrix (MLPStatistics(full=True))")
         if self._finalized is None:
             mean = self.colsum / self.weight_sum
-            g = self.gram
-            upper = torch.triu(g, diagonal=1)
-            g.triu_()
-            g += upper.T
-            del upper
-            g /= self.weight_sum
-            g.addr_(mean, mean, alpha=-1.0)
+            g = symmetrize_upper_(self.gram)
+            g.addr_(mean, mean, beta=1.0 / float(self.weight_sum), alpha=-1.0)  # G/n − μμᵀ in one pass
             self._finalized = (mean, g)
         return self._finalized
 

@@ -603,3 +603,18 @@ def test_gpu_gram_autotuned_split_is_bitwise_repeatable(monkeypatch):
             runs.append((g, c))
         for g, c in runs[1:]:
             assert torch.equal(g, runs[0][0]) and torch.equal(c, runs[0][1]), d
+
+
+@pytest.mark.parametrize("d,tile", [(1, 4), (7, 3), (37, 8), (64, 64), (100, 256)])
+def test_symmetrize_upper_in_place_matches_the_out_of_place_form(d, tile):
+    """corp.reference.symmetrize_upper_ writes the strict lower triangle from the upper one, tile by
+    tile, over odd sizes and tiles that do not divide D; whatever the lower triangle held is ignored."""
+    from corp.reference import symmetrize_upper_
+
+    g = torch.randn(d, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+    want = symmetrize_upper(g)
+    below = torch.ones(d, d, dtype=torch.bool).tril_(-1)
+    garbage = torch.where(below, torch.full_like(g, float("nan")), g)  # NaN below the diagonal, g on and above it
+    got = symmetrize_upper_(garbage, tile=tile)
+    assert got.data_ptr() == garbage.data_ptr()
+    assert torch.equal(got, want)
