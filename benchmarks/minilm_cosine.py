@@ -12,6 +12,7 @@ import argparse
 import importlib
 import inspect
 import json
+import os
 import re
 import time
 
@@ -76,11 +77,17 @@ def token_batches(tok, sentences: list[str], batch_size: int = 64) -> list[dict]
     return [tok(sentences[i:i + batch_size], **ENCODING) for i in range(0, len(sentences), batch_size)]
 
 
-def calibration_setup(calib: int, batch_size: int = 64):
-    """``(model, batches)``: all-MiniLM-L6-v2 and its first ``calib`` calibration sentences (every other
-    docstring sentence, as :func:`split` takes them), tokenised, for the experiments that prune it."""
+def experiment_setup(description: str, batch_size: int = 64):
+    """``(args, model, batches)`` for the experiments that prune all-MiniLM-L6-v2 once: their command
+    line (``--calib`` sentences, ``--sparsity``), the model (offline) and its first ``calib``
+    calibration sentences (every other docstring sentence, as :func:`split` takes them), tokenised."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--calib", type=int, default=1024)
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model, tok = load_minilm()
-    return model, token_batches(tok, docstring_sentences()[0:2 * calib:2], batch_size)
+    return args, model, token_batches(tok, docstring_sentences()[0:2 * args.calib:2], batch_size)
 
 
 def split(sentences: list[str], calib: int, held_out: int) -> tuple[list[str], list[str]]:

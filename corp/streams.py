@@ -557,7 +557,7 @@ class PrunedStream(Stream):
     def _dense_report_outputs(self, block: nn.Module) -> list[torch.Tensor]:
         """The dense block's outputs on the report inputs from the kept dense heads (empty if not kept)."""
         kept = self.dense_report_heads
-        if len(kept) != self.report_batches or not self.report_batches or self.masks is not None:
+        if len(kept) != self.report_batches or not self.report_batches:  # none kept (e.g. token masks)
             return []
         inputs = self.report_inputs()
         out = []

@@ -8,7 +8,6 @@ greedy's time.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -23,18 +22,13 @@ import corp  # noqa: E402
 import corp.select as select  # noqa: E402
 from corp.fit import damping, mlp_scale  # noqa: E402
 from greedy_precision_minilm import ridge_objective  # noqa: E402
-from minilm_cosine import calibration_setup  # noqa: E402
+from minilm_cosine import experiment_setup  # noqa: E402
 
 BLOCKS = (64, 32, 16)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--calib", type=int, default=1024)
-    ap.add_argument("--sparsity", type=float, default=0.5)
-    args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model, batches = calibration_setup(args.calib)
+    args, model, batches = experiment_setup(__doc__.split("\n\n")[0])
     original = select.select_mlp_channels_by_residual
     print(f"# all-MiniLM-L6-v2, {args.calib} sentences, {args.sparsity:.0%}: J(kept) / J(exact greedy) − 1")
 

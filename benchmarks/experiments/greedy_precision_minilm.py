@@ -8,7 +8,6 @@ kept sets (fp64), and the covariance's condition number with the damping.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -21,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 import corp  # noqa: E402
 import corp.select as select  # noqa: E402
 from corp.fit import damping, mlp_scale  # noqa: E402
-from minilm_cosine import calibration_setup  # noqa: E402
+from minilm_cosine import experiment_setup  # noqa: E402
 
 
 def ridge_objective(cov, w2, kept, lam):
@@ -35,12 +34,7 @@ def ridge_objective(cov, w2, kept, lam):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--calib", type=int, default=1024)
-    ap.add_argument("--sparsity", type=float, default=0.5)
-    args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model, batches = calibration_setup(args.calib)
+    args, model, batches = experiment_setup(__doc__.split("\n\n")[0])
     original = select.select_mlp_channels_by_residual
 
     def both(cov, w2, keep, ridge, step=0):
