@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from corp import ops
-from corp.stats import AttentionStatistics, MLPStatistics
+from corp.stats import AttentionOutputStatistics, AttentionStatistics, MLPStatistics
 
 
 def test_attention_stats_match_einsum():
@@ -60,3 +60,23 @@ def test_check_finite_names_the_block_for_any_non_finite_entry(bad):
     attn.update(qkv)
     with pytest.raises(ValueError, match="non-finite query/key statistics in block 5"):
         attn.check_finite(5)
+
+
+def test_attention_output_statistics_are_those_of_the_concatenated_outputs():
+    """Σ [o; z] and its Gram, accumulated block by block over fp32 batches of an odd width, equal the
+    fp64 mean and covariance of the concatenated tokens; mismatched outputs are refused."""
+    g = torch.Generator().manual_seed(3)
+    width = 13
+    batches = [(torch.randn(2, 7, width, generator=g), torch.randn(2, 7, width, generator=g)),
+               (torch.randn(1, 5, width, generator=g), torch.randn(1, 5, width, generator=g))]
+    stats = AttentionOutputStatistics(width, torch.device("cpu"))
+    for o, z in batches:
+        stats.update(o, 0.5 * o + z)  # correlated, as the pruned heads are with the dense ones
+    tokens = torch.cat([torch.cat([o, 0.5 * o + z], -1).reshape(-1, 2 * width) for o, z in batches]).double()
+    mean, cov = stats.mean_and_covariance()
+    assert stats.count == tokens.shape[0] == 19
+    torch.testing.assert_close(mean, tokens.mean(0), rtol=1e-6, atol=1e-6)
+    centred = tokens - tokens.mean(0)
+    torch.testing.assert_close(cov, centred.T @ centred / tokens.shape[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="must both be"):
+        AttentionOutputStatistics(width, torch.device("cpu")).update(torch.zeros(3, width), torch.zeros(3, width + 1))
