@@ -80,6 +80,16 @@ def _int_at_least(minimum: int):
 _positive_int, _nonnegative_int = _int_at_least(1), _int_at_least(0)
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -158,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-output-fit", action=argparse.BooleanOptionalAction, default=None,
                    help="after pruning q/k dims, refit each attention's output projection to the dense "
                         "attention's output (one more attention pass per block); " + _per_method("attn_output_fit"))
+    p.add_argument("--attn-output-fit-share", type=_share, default=1.0, metavar="F",
+                   help="the fraction of the calibration batches the attention output fit's statistics "
+                        "take, spread evenly (0.5: every second batch; less dense attention work); default 1")
     p.add_argument("--mlp-token-weights", choices=TOKEN_WEIGHTS, default=None,
                    help="weight each token's MLP statistics by 1/variance of the sum the MLP output joins (what "
                         "the next LayerNorm divides by); auto: only in post-norm blocks; "
@@ -332,6 +345,7 @@ def _prune_config(args: argparse.Namespace):
     config = PruneConfig.create(
         method=args.method, propagate=args.propagate, target=args.target, logit_fit=args.logit_fit,
         selection=args.selection, logit_solve=args.logit_solve, attn_output_fit=args.attn_output_fit,
+        attn_output_fit_share=args.attn_output_fit_share,
         mlp_token_weights=args.mlp_token_weights, mlp_sparsity=args.mlp_sparsity,
         attn_sparsity=args.attn_sparsity, compensate=not args.no_compensate, budget=args.budget,
         budget_metric=args.budget_metric, ridge=args.ridge, attn_ridge=args.attn_ridge,
@@ -431,6 +445,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         selection=args.selection,
         logit_solve=args.logit_solve,
         attn_output_fit=args.attn_output_fit,
+        attn_output_fit_share=args.attn_output_fit_share,
         mlp_token_weights=args.mlp_token_weights,
         budget=args.budget,
         budget_metric=args.budget_metric,

@@ -155,6 +155,7 @@ class PruneConfig:
     logit_solve: str = METHODS["corp"]["logit_solve"]
     selection: str = METHODS["corp"]["selection"]
     attn_output_fit: bool = METHODS["corp"]["attn_output_fit"]
+    attn_output_fit_share: float = 1.0
     mlp_token_weights: str = METHODS["corp"]["mlp_token_weights"]
     budget: Optional[float] = None
     budget_metric: str = "params"
@@ -198,6 +199,9 @@ class PruneConfig:
         _choice("logit_solve", self.logit_solve, LOGIT_SOLVES)
         if not isinstance(self.attn_output_fit, bool):
             raise TypeError(f"attn_output_fit must be True or False, got {self.attn_output_fit!r}")
+        share = self.attn_output_fit_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share <= 1.0:
+            raise ValueError(f"attn_output_fit_share must be a fraction in (0, 1], got {share!r}")
         if self.logit_solve != "sylvester" and (self.logit_fit == "per_image" or self.target == "dense"):
             raise ValueError(f"logit_solve={self.logit_solve!r} applies to the pooled and centred logit fits "
                              "(not logit_fit='per_image' or target='dense')")

@@ -24,6 +24,7 @@ statistic; without masks (images) nothing changes.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -225,6 +226,16 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum()))
 
 
+def in_share(j: int, share: float) -> bool:
+    """Whether batch ``j`` is among a ``share`` (in (0, 1]) of the batches spread evenly from the first:
+    batch 0, then each batch where ``⌊j·share⌋`` steps up (0.5: batches 0, 2, 4, ...; 1: every batch),
+    ``⌊(n − 1)·share⌋ + 1`` of ``n`` batches."""
+    if j == 0 or share >= 1.0:
+        return True
+    # the small slack keeps products like 10 × 0.1 (= 1.0000000000000002 or 0.9999999999999999) on the step
+    return math.floor(j * share + 1e-9) != math.floor((j - 1) * share + 1e-9)
+
+
 def check_finite(ok: bool, where: str, dp) -> None:
     """Raise on every rank if any rank saw non-finite values (a lone raise would hang the others)."""
     if dp.any(not ok):
@@ -337,7 +348,7 @@ class Stream:
                     yield qkv[row][mask[row]][None]
 
     def attention_outputs(self, block: nn.Module, dense: nn.Module, pruned: nn.Module,
-                          maps=None) -> Iterator[tuple]:
+                          maps=None, share: float = 1.0) -> Iterator[tuple]:
         """Per batch of the stream's inputs to ``block``: the heads' concatenated outputs (the output
         projection's input) of the ``dense`` and of the ``pruned`` attention module, ``(o, z)``,
         each ``(B, T, H·d_v)`` (a second pass for :class:`corp.fit.AttentionOutputFit`); with token
@@ -348,7 +359,10 @@ class Stream:
         :attr:`~corp.models.base.AttentionPart.attend` exists (no token masks), both outputs come
         from one dense qkv projection per batch (the statistics pass's, when it was kept): the
         pruned heads are the dense attention's with queries ``q @ Mq`` (:func:`corp.fold.query_map`),
-        equal to the pruned module's to rounding. Without it each module runs whole."""
+        equal to the pruned module's to rounding. Without it each module runs whole.
+
+        ``share``: only the batches :func:`in_share` picks are yielded; the others compute only what
+        the stream keeps from this pass (the pruned heads, and the dense heads of report batches)."""
         a = self.adapter
         with swapped(a, block, {"attn": dense}):
             part = a.attention(block)
@@ -357,20 +371,32 @@ class Stream:
             cached = self.qkv_cache is not None and len(self.qkv_cache) == len(self.states)
             for j, x in enumerate(self.states):
                 qkv = self.qkv_cache[j] if cached else part.qkv(x)
-                o, z = part.attend(qkv), part.attend(qkv, mq)
+                fitted = in_share(j, share)
+                z = part.attend(qkv, mq)
                 self._record_heads(j, pruned, z)
-                self._record_dense_heads(j, dense, o)
-                yield o, z
+                if fitted or j < self.report_batches:
+                    o = part.attend(qkv)
+                    self._record_dense_heads(j, dense, o)
+                if fitted:
+                    yield o, z
             self._drop_qkv()  # read once: the MLP's passes do not need it
             return
         for j, x in enumerate(self.states):
+            fitted = in_share(j, share)
+            if not (fitted or self._keeps_heads(pruned)):
+                continue
             pair, mask = [], self.mask(j)
-            for module in (dense, pruned):
+            for module in (dense, pruned) if fitted else (pruned,):
                 with swapped(a, block, {"attn": module}):
                     out = capture_input(halves(a, block, mask)[0], a.attention(block).out_proj, x)
                 pair.append(out if mask is None else out[mask])
             self._record_heads(j, pruned, out)
-            yield tuple(pair)
+            if fitted:
+                yield tuple(pair)
+
+    def _keeps_heads(self, module: nn.Module) -> bool:
+        """Whether :meth:`_record_heads` keeps ``module``'s heads' outputs (streams that replay them)."""
+        return False
 
     def _keep_qkv(self, j: int, qkv: torch.Tensor) -> None:
         """Keep batch ``j``'s qkv projection ``(B, T, 3·H·d)`` for :meth:`attention_outputs` (with
@@ -567,8 +593,11 @@ class PrunedStream(Stream):
                 out.append(self.adapter.run_block(block, x))
         return out
 
+    def _keeps_heads(self, module):
+        return self.replay_heads and isinstance(module, ReplaysFromHeads)
+
     def _record_heads(self, j, module, heads):
-        if not (self.replay_heads and isinstance(module, ReplaysFromHeads)):
+        if not self._keeps_heads(module):
             return
         if j == 0 or self.heads_module is not module:
             self._drop_heads()

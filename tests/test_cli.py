@@ -232,3 +232,22 @@ def test_no_attn_output_fit_flag_turns_off_the_presets_output_fit(folders):
     for k, v in api.state_dict().items():
         torch.testing.assert_close(pruned.state_dict()[k], v)
     assert any(not torch.equal(v, default.state_dict()[k]) for k, v in api.state_dict().items())
+
+
+def test_attn_output_fit_share_flag_gives_the_apis_model(folders):
+    """``--attn-output-fit-share 0.5`` gives the API's ``attn_output_fit_share=0.5`` model (2 batches:
+    the fit on the first only), saved with the setting; 0 is refused by the parser."""
+    out = folders / "half_outfit"
+    assert main(["prune", "--model", str(folders / "dense"), "--calib", str(folders / "data"), "--calib-size", "8",
+                 "--attn-sparsity", "0.5", "--out", str(out), "--workers", "0", "--batch-size", "4",
+                 "--attn-output-fit-share", "0.5"]) == 0
+    pruned = corp.load_pretrained(out)
+    assert pruned.corp_config["pruning"]["attn_output_fit_share"] == 0.5
+    dense = corp.load_pretrained(folders / "dense")
+    api = corp.prune(dense, calibration_loader(dense, str(folders / "data"), 8, 4, 0), attn_sparsity=0.5,
+                     batch_size=4, attn_output_fit_share=0.5)
+    for k, v in api.state_dict().items():
+        torch.testing.assert_close(pruned.state_dict()[k], v)
+    proc = subprocess.run([sys.executable, "-m", "corp.cli", "prune", "--model", "m", "--calib", "c",
+                           "--attn-output-fit-share", "0", "--out", "o"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "must be a fraction in (0, 1]" in proc.stderr

@@ -1,5 +1,7 @@
 """The attention output fit (corp.fit.AttentionOutputFit): the refitted output projection against
 brute-force ridge least squares on the tokens, and its effect through corp.prune."""
+import math
+
 import pytest
 import torch
 
@@ -132,6 +134,59 @@ def test_output_fit_lowers_the_attention_error_on_the_calibration_tokens():
 def test_output_fit_option_is_validated():
     with pytest.raises(TypeError, match="attn_output_fit"):
         corp.PruneConfig.create(attn_output_fit="yes")
+    for bad in (0.0, -0.5, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="attn_output_fit_share must be a fraction in"):
+            corp.PruneConfig.create(attn_output_fit_share=bad)
+
+
+def test_in_share_picks_batches_spread_evenly_from_the_first():
+    """Batch 0, then one batch at every unit step of j·share: ⌊(n − 1)·share⌋ + 1 of n batches."""
+    from corp.streams import in_share
+
+    for n in (1, 2, 5, 9, 16, 31):
+        for share in (0.1, 0.25, 1 / 3, 0.5, 0.7, 0.75, 1.0):
+            picked = [j for j in range(n) if in_share(j, share)]
+            assert picked[0] == 0 and len(picked) == math.floor((n - 1) * share + 1e-9) + 1, (n, share)
+            gaps = {b - a for a, b in zip(picked, picked[1:])}
+            assert max(gaps, default=1) <= math.ceil(1 / share), (n, share)  # no long run left out
+    assert [j for j in range(7) if in_share(j, 0.5)] == [0, 2, 4, 6]
+    assert [j for j in range(11) if in_share(j, 0.1)] == [0, 10]
+    assert all(in_share(j, 1.0) for j in range(9))
+
+
+@pytest.mark.parametrize("arch,size,images", [("vit_tiny_patch16_224", 80, 36), ("eva02_tiny_patch14_224", 28, 12)])
+def test_output_fit_share_fits_on_the_chosen_batches_and_still_replays_every_batch(arch, size, images,
+                                                                                    monkeypatch):
+    """``attn_output_fit_share=0.5`` over 4 batches: the model is bit for bit the one whose output fit
+    is fed batches 0 and 2 of the full pass (the pass's outputs filtered here), and the MLP pass
+    still replays the pruned heads of all 4 batches (the skipped ones record them too). vit: the
+    pass derives both heads from the kept projection; eva02 (rotary): it runs the modules whole."""
+    import timm
+
+    import corp.modules
+    from corp.streams import Stream
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, img_size=size, depth=2).eval()
+    images = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(1))
+    kw = dict(mlp_sparsity=0.5, attn_sparsity=0.5, batch_size=images.shape[0] // 4, report_images=0)
+    replays = []
+    forward = corp.modules.HeadsReplay.forward
+    monkeypatch.setattr(corp.modules.HeadsReplay, "forward", lambda self, *a, **k: replays.append(1) or forward(self))
+    half = corp.prune(model, images, attn_output_fit_share=0.5, **kw)
+    assert len(replays) == 2 * 4  # blocks × batches
+    original = Stream.attention_outputs
+
+    def even_batches_only(self, *args, **kwargs):
+        for j, pair in enumerate(original(self, *args, **kwargs)):
+            if j % 2 == 0:
+                yield pair
+
+    monkeypatch.setattr(Stream, "attention_outputs", even_batches_only)
+    reference = corp.prune(model, images, **kw)
+    assert half.corp_report.settings["attn_output_fit_share"] == 0.5
+    for (name, a), b in zip(half.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def _prune_with_and_without_replay(monkeypatch, replay_class, switch: str, model, images, **kw):
