@@ -47,6 +47,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "paper": dict(method="paper"),
     "paper+outfit": dict(method="paper", attn_output_fit=True),
     "corp": dict(method="corp"),  # the preset, whatever it is
+    "corp outfit share 0.5": dict(method="corp", attn_output_fit_share=0.5),
     "corp before the output fit": dict(OLD_CORP),
     "corp+outfit": dict(OLD_CORP, attn_output_fit=True),
     "corp+ec": dict(OLD_CORP, target="dense"),
