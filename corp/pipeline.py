@@ -116,8 +116,8 @@ def prune(
             attention outputs the output fit's statistics take, spread evenly from the first (``0.5``:
             batches 0, 2, 4, ...); the other batches still run the pruned attention for the stream.
             Less than 1 saves the dense attention and the output statistics of the batches left out
-            (README, *A third machine*: at 0.5 MiniLM keeps its cosine, the digits models move by a
-            few test images at 90%). Default 1: every batch.
+            (README, *A third machine*: at 0.5 MiniLM's 50/50 cosine is 0.9535 against 0.9539, the
+            digits models move by a few test images at 90%). Default 1: every batch.
         mlp_token_weights: ``"on"``: weight each token's MLP statistics (covariance and mean) by
             ``1/σ_t²``, ``σ_t²`` the variance over channels of the sum the MLP's output is added
             into (the block output, or a post-norm block's output LayerNorm input;
