@@ -232,7 +232,7 @@ def in_share(j: int, share: float) -> bool:
     ``⌊(n − 1)·share⌋ + 1`` of ``n`` batches."""
     if j == 0 or share >= 1.0:
         return True
-    # the small slack keeps products like 10 × 0.1 (= 1.0000000000000002 or 0.9999999999999999) on the step
+    # the slack keeps a product that should be whole on its step when it rounds just below (100 × 0.29 = 28.999999999999996)
     return math.floor(j * share + 1e-9) != math.floor((j - 1) * share + 1e-9)
 
 
