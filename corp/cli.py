@@ -53,16 +53,6 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
         return super()._get_help_string(action)
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1), got {value}")
-    return value
-
-
 def _int_at_least(minimum: int):
     def parse(text: str) -> int:
         try:
@@ -80,24 +70,24 @@ def _int_at_least(minimum: int):
 _positive_int, _nonnegative_int = _int_at_least(1), _int_at_least(0)
 
 
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {value}")
-    return value
+def _float_where(accept, requirement: str):
+    """An argparse type: a float for which ``accept(value)`` holds, else "``requirement``, got ..."."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{requirement}, got {value}")
+        return value
+
+    parse.__name__ = "number"  # argparse names the type in its messages
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value}")
-    return value
+_fraction = _float_where(lambda v: 0.0 <= v < 1.0, "sparsity must be in [0, 1)")
+_share = _float_where(lambda v: 0.0 < v <= 1.0, "must be a fraction in (0, 1]")
+_positive_float = _float_where(lambda v: 0 < v < float("inf"), "must be a positive finite number")
 
 
 def _per_method(option: str) -> str:

@@ -157,8 +157,7 @@ class MLPStatistics(_Statistics):
         """Add hidden activations ``h`` ``(..., D_h)`` (and, with ``cross``, the dense stream's ``h_dense``);
         ``mask`` ``(B, T)`` bool keeps only the real tokens of ``h`` ``(B, T, D_h)``; ``weights``
         ``h.shape[:-1]``: non-negative finite per-token weights (not with ``cross``)."""
-        if self._finalized is not None:
-            raise RuntimeError("statistics already turned into a covariance: no further updates")
+        self._refuse_if_finalized()
         if weights is not None:
             if weights.shape != h.shape[:-1]:
                 raise ValueError(f"token weights must have shape {tuple(h.shape[:-1])}, got {tuple(weights.shape)}")
@@ -186,6 +185,10 @@ class MLPStatistics(_Statistics):
             a, b = h_dense.reshape(-1, width).to(dt), h.reshape(-1, width).to(dt)
             self.cross += (a.T @ b).to(torch.float64)
             self.dense_sum += a.sum(0).to(torch.float64)
+
+    def _refuse_if_finalized(self) -> None:
+        if self._finalized is not None:
+            raise RuntimeError("statistics already turned into a covariance: no further updates")
 
     def _weighted_update(self, h: torch.Tensor, w: torch.Tensor) -> None:
         """``Σ w``, ``Σ w h`` and ``Σ w h hᵀ`` (or ``Σ w h²``) of ``h`` ``(N, D_h)`` with weights ``w`` ``(N,)``."""
@@ -258,8 +261,7 @@ class AttentionOutputStatistics(MLPStatistics):
         The Gram of ``[o; z]`` is accumulated block by block (``Σ ooᵀ``, ``Σ zzᵀ`` through the run's
         Gram kernel, the cross block ``Σ ozᵀ`` as one product), without a concatenated copy of the
         batch (4 ms per batch of 32 × 197 tokens at A = 384 on the 2-core CPU; the same products)."""
-        if self._finalized is not None:
-            raise RuntimeError("statistics already turned into a covariance: no further updates")
+        self._refuse_if_finalized()
         a = self.width
         if dense_out.shape != pruned_out.shape or dense_out.shape[-1] != a:
             raise ValueError(f"dense and pruned head outputs must both be (..., {a}), got "
