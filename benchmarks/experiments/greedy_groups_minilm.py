@@ -20,10 +20,9 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
-import corp  # noqa: E402
 import corp.select as select  # noqa: E402
 from corp.fit import damping, mlp_scale  # noqa: E402
-from greedy_precision_minilm import ridge_objective  # noqa: E402
+from greedy_precision_minilm import prune_observing_mlp_selection, ridge_objective  # noqa: E402
 from minilm_cosine import experiment_setup  # noqa: E402
 
 GROUPS = (2, 4)
@@ -72,8 +71,7 @@ def main() -> int:
         print(f"D {width}, keep {keep}: " + "; ".join(cells), flush=True)
         return kept, pruned
 
-    select.select_mlp_channels_by_residual = compare
-    corp.prune(model, batches, mlp_sparsity=args.sparsity, attn_sparsity=args.sparsity)
+    prune_observing_mlp_selection(compare, model, batches, args.sparsity)
     return 0
 
 

@@ -33,6 +33,18 @@ def ridge_objective(cov, w2, kept, lam):
     return float(torch.trace(w2[:, p] @ schur @ w2[:, p].T))
 
 
+def prune_observing_mlp_selection(selection, model, batches, sparsity: float) -> None:
+    """Prune ``model`` with the default method, ``sparsity`` for the MLP and q/k, with every block's
+    MLP selection going through ``selection`` (same signature and result as
+    :func:`corp.select.select_mlp_channels_by_residual`, which it replaces for the call)."""
+    original = select.select_mlp_channels_by_residual
+    select.select_mlp_channels_by_residual = selection
+    try:
+        corp.prune(model, batches, mlp_sparsity=sparsity, attn_sparsity=sparsity)
+    finally:
+        select.select_mlp_channels_by_residual = original
+
+
 def main() -> int:
     args, model, batches = experiment_setup(__doc__.split("\n\n")[0])
     original = select.select_mlp_channels_by_residual
@@ -54,8 +66,7 @@ def main() -> int:
               f"kept sets share {same} of {keep}; J fp32 / J fp64 − 1 = {j32 / j64 - 1:+.2e}", flush=True)
         return kept, pruned
 
-    select.select_mlp_channels_by_residual = both
-    corp.prune(model, batches, mlp_sparsity=args.sparsity, attn_sparsity=args.sparsity)
+    prune_observing_mlp_selection(both, model, batches, args.sparsity)
     return 0
 
 
