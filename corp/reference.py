@@ -22,6 +22,7 @@ __all__ = [
     "symmetrize_upper",
     "symmetrize_upper_",
     "cholesky_with_retries",
+    "spd_inverse_by_blocks",
     "ridge_solve",
     "GRAM_TILE",
     "MAX_DAMPING_RETRIES",
@@ -139,6 +140,53 @@ def symmetrize_upper_(gram: torch.Tensor, tile: int = SYMMETRIZE_TILE) -> torch.
         diag = gram[rows, rows]
         diag.copy_(symmetrize_upper(diag))
     return gram
+
+
+# Order at or below which spd_inverse_by_blocks hands a diagonal block to LAPACK (potrf + potri).
+# fp32 on the 2-core CPU (Xeon with AMX, torch 2.14.1, MKL), median of 7: n = 1536 18.1 ms with 256
+# (18.9 with 128, 19.0 with 384) against 36.2 ms for cholesky + cholesky_inverse; n = 3072 136 ms
+# against 259 ms; n = 768 3.5 ms against 4.9 ms. LAPACK's potrf/potri run at 70-100 GFLOP/s there,
+# its matrix products at ~400.
+SPD_INVERSE_LEAF = 256
+
+
+def spd_inverse_by_blocks(matrix: torch.Tensor, leaf: int = SPD_INVERSE_LEAF) -> tuple[torch.Tensor, bool]:
+    """``A⁻¹`` of a symmetric positive definite ``A`` ``(n, n)`` by the Schur complement recursion.
+
+    With ``A = [[A11, A12], [A12ᵀ, A22]]``, ``Y = A11⁻¹ A12`` and ``S = A22 − A12ᵀ Y``:
+    ``A⁻¹ = [[A11⁻¹ + Y S⁻¹ Yᵀ, −Y S⁻¹], [−S⁻¹ Yᵀ, S⁻¹]]``, ``A11⁻¹`` and ``S⁻¹`` recursively,
+    blocks of order ``≤ leaf`` by Cholesky. That is block Gaussian elimination without pivoting,
+    stable for SPD matrices (every ``S`` is SPD, its condition at most ``A``'s), with ``4/3 n³``
+    flops in four matrix products per level against LAPACK's ``n³`` in ``potrf`` + ``potri``,
+    which run at a fraction of the products' speed on the CPU (:data:`SPD_INVERSE_LEAF`).
+
+    Returns ``(inverse, ok)``: ``ok`` is False where a diagonal block's factor failed or holds
+    a non-finite value (``A`` not positive definite to working precision, or holding NaN: a
+    NaN in ``A12`` reaches a diagonal entry of ``S``); the inverse is then not to be used.
+    ``A`` is read only.
+    """
+    n = matrix.shape[-1]
+    if matrix.dim() != 2 or matrix.shape[0] != n:
+        raise ValueError(f"matrix must be (n, n), got {tuple(matrix.shape)}")
+    if n <= leaf:
+        factor, info = torch.linalg.cholesky_ex(matrix)
+        ok = int(info) == 0 and bool(torch.isfinite(torch.diagonal(factor)).all())
+        return torch.cholesky_inverse(factor), ok
+    half = n // 2
+    upper_inverse, ok_upper = spd_inverse_by_blocks(matrix[:half, :half], leaf)
+    if not ok_upper:  # no use going on
+        return torch.full_like(matrix, float("nan")), False
+    a12 = matrix[:half, half:]
+    y = upper_inverse @ a12  # (half, n − half): A11⁻¹ A12
+    schur = torch.addmm(matrix[half:, half:], a12.T, y, alpha=-1.0)
+    schur_inverse, ok_schur = spd_inverse_by_blocks(schur, leaf)
+    out = torch.empty_like(matrix)
+    off = torch.mm(y, schur_inverse).neg_()  # −Y S⁻¹
+    torch.addmm(upper_inverse, off, y.T, alpha=-1.0, out=out[:half, :half])  # A11⁻¹ + Y S⁻¹ Yᵀ
+    out[:half, half:] = off
+    out[half:, :half] = off.T
+    out[half:, half:] = schur_inverse
+    return out, ok_schur
 
 
 def cholesky_with_retries(

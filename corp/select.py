@@ -53,7 +53,7 @@ import torch
 
 from .fit import damping, logit_scale, mlp_scale, sub_blocks, sylvester_solve
 from .models.base import MlpWeights
-from .reference import cholesky_with_retries
+from .reference import SPD_INVERSE_LEAF, cholesky_with_retries, spd_inverse_by_blocks
 from .stats import AttentionStatistics, MLPStatistics
 
 __all__ = [
@@ -124,17 +124,31 @@ def auto_mlp_step(width: int, keep: int) -> int:
 
 
 def _spd_inverse(matrix: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]:
-    """``(A + λI)⁻¹`` by Cholesky with corp's damping-retry ladder; returns the inverse and the λ used.
+    """``(A + λI)⁻¹`` ``(D, D)`` by Cholesky with corp's damping-retry ladder; returns the inverse and
+    the λ used. ``A`` ``(D, D)`` symmetric (both triangles are read).
 
-    The first attempt factors in place, without the ladder's batched copies (0.04 s of a 0.2 s
-    inverse at D = 1536 on the 2-core CPU); only a failed factor goes down the ladder.
+    The first attempt runs without the ladder's batched copies (0.04 s of a 0.2 s inverse at
+    D = 1536 on the 2-core CPU), on the CPU by :func:`corp.reference.spd_inverse_by_blocks` for
+    D above its leaf; only a failed factor goes down the ladder.
     """
     shifted = matrix.clone()
     shifted.diagonal().add_(lam)
+    if shifted.device.type == "cpu" and shifted.shape[-1] > SPD_INVERSE_LEAF:
+        # half the time of cholesky + cholesky_inverse on the CPU (corp.reference.SPD_INVERSE_LEAF);
+        # on GPUs cuSOLVER's are kept (not measured against it)
+        inverse, ok = spd_inverse_by_blocks(shifted)
+        if ok:
+            return inverse, lam
+        return _spd_inverse_with_retries(matrix, lam)
     factor, info = torch.linalg.cholesky_ex(shifted)
     if int(info) == 0 and bool(torch.isfinite(torch.diagonal(factor)).all()):
         # a NaN anywhere in A's lower triangle reaches the diagonal of its row of the factor
         return torch.cholesky_inverse(factor), lam
+    return _spd_inverse_with_retries(matrix, lam)
+
+
+def _spd_inverse_with_retries(matrix: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]:
+    """``(A + λ'I)⁻¹`` with ``λ' ≥ λ`` from corp's damping-retry ladder (a first factor failed)."""
     factor, used, ok = cholesky_with_retries(matrix[None], torch.tensor([lam], dtype=matrix.dtype,
                                                                         device=matrix.device))
     if not bool(ok[0]):
@@ -165,7 +179,7 @@ def _mlp_greedy(
     wt = w2.T.contiguous()  # (D, out): row j is W'_{·j}; W' = W2 H_{·K} H_KK⁻¹ = W2 for K = all channels
     diag = torch.diagonal(g).clone()  # diag(Hinv) on the kept channels
     factors = g.new_empty(width - keep, width)  # Vᵀ: Hinv = G − V Vᵀ on K×K
-    live = torch.ones(width, dtype=torch.bool, device=cov.device)  # channels still in K
+    removed_mask = torch.zeros(width, dtype=torch.bool, device=cov.device)  # channels no longer in K
     done, left = 0, width
     removed: list[torch.Tensor] = []
     increases: list[torch.Tensor] = []
@@ -173,24 +187,25 @@ def _mlp_greedy(
         b = min(step, left - keep)
         # single-drop increase of J for every kept channel (one fused pass over wt; index_select below:
         # column gathers by advanced indexing were 3x slower on the CPU)
-        score = torch.linalg.vector_norm(wt, dim=1).square_() / diag
-        score = score.masked_fill_(~live, float("inf"))
+        score = torch.linalg.vector_norm(wt, dim=1).square_().div_(diag).masked_fill_(removed_mask, float("inf"))
         drop = torch.topk(score, b, largest=False, sorted=False).indices
         f = factors[:done]
         ut = g.index_select(0, drop).addmm_(f.index_select(1, drop).T, f, alpha=-1.0)  # (b, D) Hinv_J·: 0 on removed
         lc, _ = torch.linalg.cholesky_ex(ut.index_select(1, drop))  # Hinv_JJ, a principal block of an SPD inverse
         vt = torch.linalg.solve_triangular(lc, ut, upper=False)  # (b, D) Lc⁻¹ Hinv_J·, the new rows of Vᵀ
-        x = torch.linalg.solve_triangular(lc.T, vt, upper=True)  # (b, D) Hinv_JJ⁻¹ Hinv_J·
-        w_j = wt.index_select(0, drop)  # (b, out)
-        increases.append(torch.linalg.solve_triangular(lc, w_j, upper=False).square().sum())  # ‖W'_J Lc⁻ᵀ‖²
-        # Group OBS: re-optimise the survivors after removing the whole block
-        wt.addmm_(x.T, w_j, alpha=-1.0)
+        r = torch.linalg.solve_triangular(lc, wt.index_select(0, drop), upper=False)  # (b, out) Lc⁻¹ W'_Jᵀ
+        increases.append(r.square().sum())  # ‖W'_J Lc⁻ᵀ‖² = tr(W'_J Hinv_JJ⁻¹ W'_Jᵀ)
+        # Group OBS: re-optimise the survivors after removing the whole block,
+        # W'ᵀ −= Hinv_·J Hinv_JJ⁻¹ W'_Jᵀ = (Lc⁻¹ Hinv_J·)ᵀ (Lc⁻¹ W'_Jᵀ): one (b × out) solve instead
+        # of a (b × D) one (removed rows become 0 to rounding: their score is masked)
+        wt.addmm_(vt.T, r, alpha=-1.0)
         factors[done:done + b] = vt
-        diag -= vt.square().sum(0)
-        live[drop] = False
+        diag.sub_(vt.square().sum(0))
+        removed_mask[drop] = True
         removed.append(drop)
         done += b
         left -= b
+    live = ~removed_mask
     return live.nonzero()[:, 0], removed, increases
 
 
