@@ -53,7 +53,7 @@ import torch
 
 from .fit import damping, logit_scale, mlp_scale, sub_blocks, sylvester_solve
 from .models.base import MlpWeights
-from .reference import SPD_INVERSE_LEAF, cholesky_with_retries, spd_inverse_by_blocks
+from .reference import cholesky_with_retries, spd_inverse_by_blocks
 from .stats import AttentionStatistics, MLPStatistics
 
 __all__ = [
@@ -123,19 +123,28 @@ def auto_mlp_step(width: int, keep: int) -> int:
 # ---------------------------------------------------------------------------
 
 
+# From this width on, the greedy's CPU inverse is corp.reference.spd_inverse_by_blocks instead of
+# LAPACK's cholesky + cholesky_inverse (on GPUs cuSOLVER's are kept: not measured against it).
+# fp32, 2-core CPU (Xeon with AMX), medians of 9, LAPACK against blocked: D = 384 1.09 / 0.93 ms,
+# 768 6.0 / 4.9 ms, 1024 23.0 / 8.1 ms, 1536 41.0 / 19.5 ms, 2048 108 / 47 ms. Below 1024 the
+# saving is at most a millisecond per block, and there LAPACK's inverse is kept: it is what the
+# digits ablation's default was measured with, and the recursion's different rounding (same
+# objective J to fp32 precision) flipped near-tied channels of those D = 384 models, moving their
+# test accuracy at 75-90% sparsity by up to 3 of 450 images either way (seeds 1-2, no net change).
+BLOCKED_INVERSE_MIN_WIDTH = 1024
+
+
 def _spd_inverse(matrix: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]:
     """``(A + λI)⁻¹`` ``(D, D)`` by Cholesky with corp's damping-retry ladder; returns the inverse and
     the λ used. ``A`` ``(D, D)`` symmetric (both triangles are read).
 
     The first attempt runs without the ladder's batched copies (0.04 s of a 0.2 s inverse at
-    D = 1536 on the 2-core CPU), on the CPU by :func:`corp.reference.spd_inverse_by_blocks` for
-    D above its leaf; only a failed factor goes down the ladder.
+    D = 1536 on the 2-core CPU), on the CPU by :func:`corp.reference.spd_inverse_by_blocks` from
+    :data:`BLOCKED_INVERSE_MIN_WIDTH` on; only a failed factor goes down the ladder.
     """
     shifted = matrix.clone()
     shifted.diagonal().add_(lam)
-    if shifted.device.type == "cpu" and shifted.shape[-1] > SPD_INVERSE_LEAF:
-        # half the time of cholesky + cholesky_inverse on the CPU (corp.reference.SPD_INVERSE_LEAF);
-        # on GPUs cuSOLVER's are kept (not measured against it)
+    if shifted.device.type == "cpu" and shifted.shape[-1] >= BLOCKED_INVERSE_MIN_WIDTH:
         inverse, ok = spd_inverse_by_blocks(shifted)
         if ok:
             return inverse, lam

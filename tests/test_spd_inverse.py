@@ -62,7 +62,7 @@ def test_greedy_inverse_falls_back_to_the_damping_ladder():
     """A rank-deficient covariance made slightly indefinite, with no damping: the blocked inverse
     fails, and ``_spd_inverse`` returns ``(A + λI)⁻¹`` for the ladder's first λ that factors."""
     g = torch.Generator().manual_seed(0)
-    n = 2 * select.SPD_INVERSE_LEAF + 3  # above the leaf: the CPU path takes the recursion first
+    n = select.BLOCKED_INVERSE_MIN_WIDTH + 3  # the CPU path takes the recursion first
     x = torch.randn(n, 40, generator=g, dtype=torch.float64)
     a = x @ x.T / 40
     a.diagonal().sub_(1e-9 * float(a.diagonal().mean()))
@@ -74,10 +74,14 @@ def test_greedy_inverse_falls_back_to_the_damping_ladder():
 
 
 def test_greedy_inverse_on_cpu_is_the_blocked_one():
-    """Above the leaf the greedy's CPU inverse is the recursion's (the same tensor, bit for bit)."""
-    a = _gelu_covariance(select.SPD_INVERSE_LEAF + 40, 900, seed=2).float()
+    """From BLOCKED_INVERSE_MIN_WIDTH on, the greedy's CPU inverse is the recursion's (the same tensor,
+    bit for bit); below, LAPACK's."""
+    a = _gelu_covariance(select.BLOCKED_INVERSE_MIN_WIDTH, 1500, seed=2).float()
     lam = 1e-3 * float(a.diagonal().mean())
     inverse, used = select._spd_inverse(a, lam)
     shifted = a.clone()
     shifted.diagonal().add_(lam)
     assert used == lam and torch.equal(inverse, spd_inverse_by_blocks(shifted)[0])
+    small, shifted_small = a[:300, :300], shifted[:300, :300]
+    inverse, _ = select._spd_inverse(small, lam)
+    assert torch.equal(inverse, torch.cholesky_inverse(torch.linalg.cholesky(shifted_small)))
