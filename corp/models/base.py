@@ -23,8 +23,7 @@ __all__ = ["new_linear", "empty_linear", "ModelAdapter", "AttentionPart", "MlpPa
 def new_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], like: nn.Linear) -> nn.Linear:
     """A new ``nn.Linear`` holding ``weight`` ``(out, in)`` and ``bias``, on ``like``'s device and dtype."""
     out_f, in_f = weight.shape
-    ref = like.weight
-    layer = nn.Linear(in_f, out_f, bias=bias is not None, device=ref.device, dtype=ref.dtype)
+    layer = empty_linear(in_f, out_f, like, bias=bias is not None)
     with torch.no_grad():
         layer.weight.copy_(weight)
         if bias is not None:
@@ -33,10 +32,14 @@ def new_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], like: nn.Line
     return layer
 
 
-def empty_linear(in_f: int, out_f: int, like: nn.Linear) -> nn.Linear:
-    """An uninitialised ``nn.Linear`` ``in_f → out_f`` with ``like``'s bias presence, device and dtype."""
+def empty_linear(in_f: int, out_f: int, like: nn.Linear, bias: Optional[bool] = None) -> nn.Linear:
+    """An uninitialised ``nn.Linear`` ``in_f → out_f`` with ``like``'s bias presence (unless ``bias``
+    says), device and dtype. Its weights are left unset (``torch.nn.utils.skip_init``): every caller
+    overwrites them, and the random initialisation of the modules a deit_small prune builds cost
+    0.08 s of it (kaiming_uniform_ on 96 layers)."""
     ref = like.weight
-    return nn.Linear(in_f, out_f, bias=like.bias is not None, device=ref.device, dtype=ref.dtype)
+    bias = like.bias is not None if bias is None else bias
+    return torch.nn.utils.skip_init(nn.Linear, in_f, out_f, bias=bias, device=ref.device, dtype=ref.dtype)
 
 
 def unsupported(path: str, module: nn.Module, why: str) -> ValueError:

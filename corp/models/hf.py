@@ -470,8 +470,8 @@ class _HFEncoder(ModelAdapter):
         if dropout is None:
             dropout = getattr(attn, "dropout", 0.0)
             dropout = dropout.p if isinstance(dropout, nn.Dropout) else float(dropout)
-        return PrunedHFAttention(
-            projections[0].in_features, heads, head_dim, qk_dim, self.style, self.projection_names,
+        return torch.nn.utils.skip_init(  # every caller overwrites the weights (corp.models.base.empty_linear)
+            PrunedHFAttention, projections[0].in_features, heads, head_dim, qk_dim, self.style, self.projection_names,
             qkv_bias=projections[0].bias is not None,
             out_bias=len(projections) == 4 and projections[3].bias is not None,
             dropout=dropout, device=ref.device, dtype=ref.dtype)

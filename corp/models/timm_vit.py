@@ -237,7 +237,8 @@ def reshape_block(block: Block, widths: dict[str, int]) -> None:
 def pruned_attention_like(attn: Attention, qk_dim: int) -> PrunedAttention:
     """An (uninitialised) :class:`PrunedAttention` with ``attn``'s shape and options, on its device and dtype."""
     weight = attn.qkv.weight
-    return PrunedAttention(
+    return torch.nn.utils.skip_init(  # every caller overwrites the weights (corp.models.base.empty_linear)
+        PrunedAttention,
         dim=attn.qkv.in_features,
         num_heads=attn.num_heads,
         head_dim=attn.head_dim,
