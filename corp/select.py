@@ -130,7 +130,8 @@ def auto_mlp_step(width: int, keep: int) -> int:
 # saving is at most a millisecond per block, and there LAPACK's inverse is kept: it is what the
 # digits ablation's default was measured with, and the recursion's different rounding (same
 # objective J to fp32 precision) flipped near-tied channels of those D = 384 models, moving their
-# test accuracy at 75-90% sparsity by up to 3 of 450 images either way (seeds 1-2, no net change).
+# test accuracy at 75-90% sparsity by up to 3 of 450 images either way (seeds 1-2; net −1 image over
+# the 24 settings of six models).
 BLOCKED_INVERSE_MIN_WIDTH = 1024
 
 
@@ -184,7 +185,10 @@ def _mlp_greedy(
     g, _ = _spd_inverse(cov, damping)  # G = H⁻¹ (symmetric: its rows are its columns)
     # Row layout throughout (every gather and update reads whole rows). Whole greedy at D = 1536,
     # keep 768, 64 steps, 2-core CPU (benchmarks/experiments/mlp_greedy_vs_revision.py): 0.61 s with
-    # the in-place D×D downdate (b75edda), 0.42 s now, the same kept set; the inverse is 0.2 s of it.
+    # the in-place D×D downdate (b75edda), 0.42 s without it, the same kept set; the inverse was 0.2 s
+    # of it (fp64, an AMD EPYC). In fp32 on a Xeon with AMX (2026-12-02, the synthetic GELU case of
+    # README *A faster MLP greedy*): 77-90 ms before, 51-59 ms with the blocked inverse and the one-solve
+    # update (the range: two sessions' hours of machine speed).
     wt = w2.T.contiguous()  # (D, out): row j is W'_{·j}; W' = W2 H_{·K} H_KK⁻¹ = W2 for K = all channels
     diag = torch.diagonal(g).clone()  # diag(Hinv) on the kept channels
     factors = g.new_empty(width - keep, width)  # Vᵀ: Hinv = G − V Vᵀ on K×K
