@@ -163,30 +163,39 @@ def spd_inverse_by_blocks(matrix: torch.Tensor, leaf: int = SPD_INVERSE_LEAF) ->
     Returns ``(inverse, ok)``: ``ok`` is False where a diagonal block's factor failed or holds
     a non-finite value (``A`` not positive definite to working precision, or holding NaN: a
     NaN in ``A12`` reaches a diagonal entry of ``S``); the inverse is then not to be used.
-    ``A`` is read only.
+    ``A`` is read only. Above the leaf the result is symmetric to rounding, not bit for bit.
     """
     n = matrix.shape[-1]
     if matrix.dim() != 2 or matrix.shape[0] != n:
         raise ValueError(f"matrix must be (n, n), got {tuple(matrix.shape)}")
+    out = torch.empty_like(matrix)
+    return out, _spd_inverse_into(matrix, out, leaf)
+
+
+def _spd_inverse_into(matrix: torch.Tensor, out: torch.Tensor, leaf: int) -> bool:
+    """:func:`spd_inverse_by_blocks` written into ``out`` (a view of the same shape, rows contiguous):
+    every block goes straight to its place, without a temporary per level (bitwise the same result as
+    assembling the blocks; fp32 on the 2-core Xeon: n = 1024 9.3 ms against 11.7, n = 5120 646 ms
+    against 660)."""
+    n = matrix.shape[-1]
     if n <= leaf:
         factor, info = torch.linalg.cholesky_ex(matrix)
-        ok = int(info) == 0 and bool(torch.isfinite(torch.diagonal(factor)).all())
-        return torch.cholesky_inverse(factor), ok
+        out.copy_(torch.cholesky_inverse(factor))
+        return int(info) == 0 and bool(torch.isfinite(torch.diagonal(factor)).all())
     half = n // 2
-    upper_inverse, ok_upper = spd_inverse_by_blocks(matrix[:half, :half], leaf)
-    if not ok_upper:  # no use going on
-        return torch.full_like(matrix, float("nan")), False
+    upper, off, lower, schur_inverse = out[:half, :half], out[:half, half:], out[half:, :half], out[half:, half:]
+    if not _spd_inverse_into(matrix[:half, :half], upper, leaf):  # no use going on
+        out.fill_(float("nan"))
+        return False
     a12 = matrix[:half, half:]
-    y = upper_inverse @ a12  # (half, n − half): A11⁻¹ A12
+    y = upper @ a12  # (half, n − half): A11⁻¹ A12
     schur = torch.addmm(matrix[half:, half:], a12.T, y, alpha=-1.0)
-    schur_inverse, ok_schur = spd_inverse_by_blocks(schur, leaf)
-    out = torch.empty_like(matrix)
-    off = torch.mm(y, schur_inverse).neg_()  # −Y S⁻¹
-    torch.addmm(upper_inverse, off, y.T, alpha=-1.0, out=out[:half, :half])  # A11⁻¹ + Y S⁻¹ Yᵀ
-    out[:half, half:] = off
-    out[half:, :half] = off.T
-    out[half:, half:] = schur_inverse
-    return out, ok_schur
+    ok = _spd_inverse_into(schur, schur_inverse, leaf)
+    torch.mm(y, schur_inverse, out=off)  # Y S⁻¹
+    upper.addmm_(off, y.T)  # A11⁻¹ + Y S⁻¹ Yᵀ
+    off.neg_()  # −Y S⁻¹
+    lower.copy_(off.T)
+    return ok
 
 
 def cholesky_with_retries(
