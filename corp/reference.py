@@ -168,8 +168,17 @@ def spd_inverse_by_blocks(matrix: torch.Tensor, leaf: int = SPD_INVERSE_LEAF) ->
     n = matrix.shape[-1]
     if matrix.dim() != 2 or matrix.shape[0] != n:
         raise ValueError(f"matrix must be (n, n), got {tuple(matrix.shape)}")
+    if n <= leaf:
+        factor, info = torch.linalg.cholesky_ex(matrix)
+        return torch.cholesky_inverse(factor), _factored(factor, info)
     out = torch.empty_like(matrix)
     return out, _spd_inverse_into(matrix, out, leaf)
+
+
+def _factored(factor: torch.Tensor, info: torch.Tensor) -> bool:
+    """Whether ``cholesky_ex`` succeeded: info 0 and a finite diagonal (a NaN anywhere in the
+    factored matrix's lower triangle reaches the diagonal of its row of the factor)."""
+    return int(info) == 0 and bool(torch.isfinite(torch.diagonal(factor)).all())
 
 
 def _spd_inverse_into(matrix: torch.Tensor, out: torch.Tensor, leaf: int) -> bool:
@@ -180,8 +189,8 @@ def _spd_inverse_into(matrix: torch.Tensor, out: torch.Tensor, leaf: int) -> boo
     n = matrix.shape[-1]
     if n <= leaf:
         factor, info = torch.linalg.cholesky_ex(matrix)
-        out.copy_(torch.cholesky_inverse(factor))
-        return int(info) == 0 and bool(torch.isfinite(torch.diagonal(factor)).all())
+        torch.cholesky_inverse(factor, out=out)
+        return _factored(factor, info)
     half = n // 2
     upper, off, lower, schur_inverse = out[:half, :half], out[:half, half:], out[half:, :half], out[half:, half:]
     if not _spd_inverse_into(matrix[:half, :half], upper, leaf):  # no use going on

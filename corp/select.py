@@ -53,7 +53,7 @@ import torch
 
 from .fit import damping, logit_scale, mlp_scale, sub_blocks, sylvester_solve
 from .models.base import MlpWeights
-from .reference import cholesky_with_retries, spd_inverse_by_blocks
+from .reference import SPD_INVERSE_LEAF, cholesky_with_retries, spd_inverse_by_blocks
 from .stats import AttentionStatistics, MLPStatistics
 
 __all__ = [
@@ -145,20 +145,12 @@ def _spd_inverse(matrix: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]
     """
     shifted = matrix.clone()
     shifted.diagonal().add_(lam)
-    if shifted.device.type == "cpu" and shifted.shape[-1] >= BLOCKED_INVERSE_MIN_WIDTH:
-        inverse, ok = spd_inverse_by_blocks(shifted)
-        if ok:
-            return inverse, lam
-        return _spd_inverse_with_retries(matrix, lam)
-    factor, info = torch.linalg.cholesky_ex(shifted)
-    if int(info) == 0 and bool(torch.isfinite(torch.diagonal(factor)).all()):
-        # a NaN anywhere in A's lower triangle reaches the diagonal of its row of the factor
-        return torch.cholesky_inverse(factor), lam
-    return _spd_inverse_with_retries(matrix, lam)
-
-
-def _spd_inverse_with_retries(matrix: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]:
-    """``(A + λ'I)⁻¹`` with ``λ' ≥ λ`` from corp's damping-retry ladder (a first factor failed)."""
+    width = shifted.shape[-1]
+    blocked = shifted.device.type == "cpu" and width >= BLOCKED_INVERSE_MIN_WIDTH
+    # a leaf as wide as the matrix is one LAPACK (cuSOLVER) cholesky + cholesky_inverse
+    inverse, ok = spd_inverse_by_blocks(shifted, SPD_INVERSE_LEAF if blocked else width)
+    if ok:
+        return inverse, lam
     factor, used, ok = cholesky_with_retries(matrix[None], torch.tensor([lam], dtype=matrix.dtype,
                                                                         device=matrix.device))
     if not bool(ok[0]):
