@@ -271,6 +271,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--calib", type=int, default=256, help="calibration images (first N training images)")
     ap.add_argument("--batch-size", type=int, default=64, help="corp.prune batch_size")
     ap.add_argument("--epochs", type=int, default=None, help="override the training epochs of every model")
+    ap.add_argument("--train-seed", type=int, default=None,
+                    help="training seed of every model (default: corp.demo.TRAIN_SETTINGS's); other seeds stand "
+                         "in for other machines' rounding, each trained once and cached under its own key")
     ap.add_argument("--quick", action="store_true",
                     help=f"smoke run: first model, first sparsity, {QUICK_CALIB} calibration images")
     ap.add_argument("--no-cache", action="store_true", help="train the models now, do not read or write the cache")
@@ -334,6 +337,8 @@ def main(argv: Optional[list[str]] = None, print_fn: Callable[[str], None] = pri
         overrides = dict(spec["overrides"])
         if args.epochs is not None:
             overrides["epochs"] = args.epochs
+        if args.train_seed is not None:
+            overrides["seed"] = args.train_seed
         t = time.perf_counter()
         model = digits_vit(data, cache=not args.no_cache, **overrides).eval()
         model_seconds = time.perf_counter() - t
