@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from corp.fit import PerImageLogitSystem
+from corp.fit import FitContext, PerImageLogitFit, PerImageLogitSystem
+from corp.ops import REFERENCE
 from corp.reference import attention_stats_update_
-from corp.stats import centred_key_gram, key_outer_update_
+from corp.stats import AttentionStatistics, centred_key_gram, key_outer_update_
 
 from stages import attention_compensation, centred_attention_compensation, logit_damping_scale, select_qk_dims
 
@@ -100,9 +101,14 @@ def test_fits_match_brute_force_least_squares(ridge):
     kept = torch.tensor([[0, 2, 5], [1, 3, 4]])
     pruned = torch.tensor([[1, 3, 4], [0, 2, 5]])
     m_paper, m_cent, m_img, lam_c, lam_i = _fits(qkv, h, d, kept, pruned, ridge)
-    assert torch.allclose(lam_c, lam_i)  # same λ scale
-
     kc = k - k.mean(dim=2, keepdim=True)  # per-image-centred keys
+    # λ from the tokens: ridge · (mean over kept q dims of Σ q²) · (mean over kept k dims of Σ k̃²)
+    for hi in range(h if ridge > 0 else 0):
+        q_energy = q[:, hi][..., kept[hi]].square().sum((0, 1)).mean()
+        k_energy = kc[:, hi][..., kept[hi]].square().sum((0, 1)).mean()
+        assert float(lam_c[hi]) == pytest.approx(ridge * float(q_energy * k_energy), rel=1e-10, abs=0)
+    assert torch.allclose(lam_c, lam_i)  # the per-image system was given the same scale here
+
     idx = torch.arange(b * t)
     image = idx // t
     all_pairs = torch.cartesian_prod(idx, idx).T
@@ -121,6 +127,33 @@ def test_fits_match_brute_force_least_squares(ridge):
         assert torch.allclose(m_cent[hi], ref_cent, rtol=1e-7, atol=1e-9), (m_cent[hi], ref_cent)
         assert torch.allclose(m_img[hi], ref_img, rtol=1e-7, atol=1e-9), (m_img[hi], ref_img)
         assert (ref_cent - ref_img).abs().max() > 1e-3  # the two objectives differ on this data
+
+
+def test_per_image_logit_fit_damps_by_its_own_system_scale():
+    """:class:`corp.fit.PerImageLogitFit` end to end (a second pass over the qkv batches): λ is
+    ``ridge · Σ_b mean(diag GQ_b,SS)·mean(diag GK̃_b,SS)`` computed here from the tokens, and M is the
+    damped least squares over within-image token pairs at that λ."""
+    torch.manual_seed(4)
+    h, d, b, t, ridge = 2, 5, 3, 6, 0.05
+    q = torch.randn(b, h, t, d, dtype=F64) + 0.2
+    k = torch.randn(b, h, t, d, dtype=F64) + torch.randn(b, h, 1, d, dtype=F64)
+    qkv = _qkv(q, k)
+    kept = torch.tensor([[0, 3, 4], [1, 2, 4]])
+    pruned = torch.tensor([[1, 2], [0, 3]])
+    ctx = FitContext(REFERENCE, qkv_batches=lambda: iter([qkv[:2], qkv[2:]]))
+    m, lam = PerImageLogitFit(ridge).fit(AttentionStatistics(h, d, torch.device("cpu")), kept, pruned, ctx)
+    kc = k - k.mean(dim=2, keepdim=True)
+    idx = torch.arange(b * t)
+    pairs = torch.cartesian_prod(idx, idx).T
+    within = pairs[:, (idx // t)[pairs[0]] == (idx // t)[pairs[1]]]
+    for hi in range(h):
+        scale = sum(float(q[bi, hi][:, kept[hi]].square().sum(0).mean() * kc[bi, hi][:, kept[hi]].square().sum(0).mean())
+                    for bi in range(b))
+        assert float(lam[hi]) == pytest.approx(ridge * scale, rel=1e-10, abs=0)
+        qh, kh = q[:, hi].reshape(b * t, d), kc[:, hi].reshape(b * t, d)
+        feats, target = _design(qh[:, kept[hi]], kh[:, kept[hi]], qh[:, pruned[hi]], kh[:, pruned[hi]], within)
+        ref = _lstsq(feats, target, ridge * scale).reshape(3, 3)
+        assert torch.allclose(m[hi], ref, rtol=1e-7, atol=1e-9), (m[hi], ref)
 
 
 def test_per_image_key_shift_leaves_both_fits_unchanged():

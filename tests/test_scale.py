@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -28,13 +29,23 @@ def _assert_same_weights(a, b, rtol=1e-4, atol=1e-5):
 
 
 @pytest.mark.parametrize("location", ["cpu", "disk"])
-def test_state_locations_give_identical_results(tmp_path, location):
+def test_state_locations_give_identical_results(tmp_path, monkeypatch, location):
+    """Without a checkpoint folder, disk states go to a ``corp-states-*`` folder in the system's temp
+    folder (here ``tmp_path``), which exists while the blocks are pruned and is gone afterwards."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     model, images = tiny_vit(), _images()
     ref = corp.prune(model, images, **KW)
-    out = corp.prune(model, images, states=location, checkpoint_dir=None, **KW)
+
+    def spill_folders():
+        return [p for p in tmp_path.iterdir() if p.name.startswith("corp-states-")]
+
+    during = []
+    out = corp.prune(model, images, states=location, checkpoint_dir=None,
+                     callback=lambda i, rec: during.append(len(spill_folders())), **KW)
     for k, v in ref.state_dict().items():
         assert torch.equal(out.state_dict()[k], v), k
-    assert not any(p.name.startswith("corp-states-") for p in tmp_path.iterdir())
+    assert during == ([1, 1] if location == "disk" else [0, 0])
+    assert spill_folders() == []
 
 
 def test_bad_state_location_is_refused():
