@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import corp
 from corp.demo import accuracy, digits_vit, load_digits_data
@@ -78,6 +79,9 @@ def test_quick_ablation(ablation, tmp_path, monkeypatch):
         assert ("accuracy" in row) != ("error" in row), (name, row)
         if "accuracy" in row:
             assert row["params_removed"] >= 0.5 - 1e-9 or name != "budget-uniform"
+    # only the bogus variant failed
+    assert {n for n, cols in entry["sparsity"].items() if "error" in cols["50%"]} == {"bogus"}
+    assert not [n for n, row in entry["budget"].items() if "error" in row]
 
     # dense accuracy, checked independently: the same model as corp.demo builds it (from the cache the
     # script filled), evaluated by corp.demo.accuracy
@@ -94,3 +98,19 @@ def test_quick_ablation(ablation, tmp_path, monkeypatch):
     assert saved["git"]["commit"] and saved["date"] and saved["command"]
     assert saved["models"]["tiny"]["config"]["embed_dim"] == TINY["embed_dim"]
     assert saved["models"]["tiny"]["train"]["epochs"] == 3
+
+
+def test_train_seed_option_trains_and_reports_that_seed(ablation, tmp_path, monkeypatch):
+    """``--train-seed S`` gives every model training seed S: the dense accuracy is that of the model
+    corp.demo trains with seed S, and the JSON records it."""
+    monkeypatch.setenv("CORP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(ablation.MODELS, "tiny", dict(label="tiny", overrides=dict(TINY)))
+    out = ablation.main(["--quick", "--models", "tiny", "--variants", "paper", "--budget", "0", "--train-seed", "1",
+                         "--json", ""], print_fn=lambda *a: None)
+    entry = out["models"]["tiny"]
+    assert entry["train"]["seed"] == 1 and entry["overrides"]["seed"] == 1
+    data = load_digits_data()
+    seeded = digits_vit(data, **TINY, seed=1)
+    assert entry["dense_accuracy"] == accuracy(seeded, data.test_images, data.test_labels)
+    default = digits_vit(data, **TINY)  # seed 0: another model
+    assert any(not torch.equal(a, b) for a, b in zip(seeded.state_dict().values(), default.state_dict().values()))

@@ -69,3 +69,32 @@ def test_architecture_budget_meets_its_flop_budget(name, overrides):
     assert (before - after) / before >= 0.3
     with torch.no_grad():
         assert torch.isfinite(pruned(images)).all()
+
+
+@pytest.mark.parametrize("name,overrides", ARCHITECTURES[:3] + ARCHITECTURES[6:7], ids=lambda v: str(v))
+def test_flop_count_matches_torch_flop_counter(name, overrides):
+    """corp.report.count_flops against torch.utils.flop_counter.FlopCounterMode on one image, dense and
+    pruned: the counter's convolution and matrix products (all the Linear layers), plus the two
+    attention matmuls per head, written here at the logical q/k width (the CPU counter does not count
+    fused attention, and the pruned modules' zero padding of q/k is not work the model needs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **{**SMALL, **overrides}).eval()
+    size = model.patch_embed.img_size
+    pruned = corp.prune(model, torch.randn(8, 3, *size), mlp_sparsity=0.5, attn_sparsity=0.25, batch_size=4,
+                        report_images=0)
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    for m in (model, pruned):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            m(torch.randn(1, 3, *size))
+        counted = counter.get_flop_counts()["Global"]
+        products = sum(int(v) for k, v in counted.items()
+                       if str(k) in ("aten.convolution", "aten.addmm", "aten.mm", "aten.bmm", "aten.linear"))
+        attention = 0
+        for block in m.blocks:
+            heads, head_dim = block.attn.num_heads, block.attn.head_dim
+            qk = getattr(block.attn, "qk_dim", head_dim)
+            attention += 2 * heads * tokens * tokens * (qk + head_dim)
+        assert corp.report.count_flops(m) == products + attention, (name, m is pruned)
+    assert corp.report.count_flops(pruned) < corp.report.count_flops(model)

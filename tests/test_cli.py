@@ -10,7 +10,7 @@ from PIL import Image
 
 import corp
 from corp.cli import main
-from corp.data import calibration_loader
+from corp.data import calibration_loader, image_transform
 
 from conftest import tiny_vit
 
@@ -53,7 +53,16 @@ def test_prune_then_eval(folders, capsys):
     rc = main(["eval", "--model", str(out), "--data", str(folders / "data"), "--workers", "0"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["images"] == 10 and 0 <= result["top1"] <= result["top5"] <= 100
+    # the same top-1 computed here: every file through the model's own transform, labels from the folders
+    transform = image_transform(pruned)
+    files = sorted((folders / "data").glob("*/*.png"))
+    images = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    labels = torch.tensor([("cat", "dog").index(f.parent.name) for f in files])
+    with torch.no_grad():
+        top1 = 100.0 * float((pruned(images).argmax(-1) == labels).double().mean())
+    assert result["images"] == 10
+    assert result["top1"] == pytest.approx(top1)
+    assert result["top5"] == 100.0  # two classes: the true one is always among the top 5
 
 
 def test_errors_are_reported_not_raised(folders, capsys):

@@ -54,6 +54,51 @@ def test_prune_returns_smaller_model_and_leaves_input_untouched(model, images):
         torch.testing.assert_close(pruned.forward_head(feats), out)
 
 
+@pytest.mark.parametrize("options", [
+    dict(method="paper"),
+    dict(budget=0.5),
+    dict(mlp_sparsity=0.5, attn_sparsity=0.5, propagate="pruned", target="dense"),
+    dict(mlp_sparsity=0.5, attn_sparsity=0.5, logit_fit="per_image", logit_solve="sylvester"),
+    dict(mlp_sparsity=0.5, attn_sparsity=0.5, selection="residual_factored", logit_solve="factored"),
+    dict(mlp_sparsity=0.5, attn_sparsity=0.5, attn_output_fit_share=0.5, mlp_token_weights="on"),
+    dict(mlp_sparsity=0.5, attn_sparsity=0.5, compensate=False),
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_every_option_leaves_the_input_model_untouched(model, images, options):
+    """The working copy shares nothing the pruning writes with the user's model, whatever the path
+    (budget search, two streams, second passes, replayed heads, no compensation)."""
+    options = dict(options)
+    if options.pop("method", None) == "paper":
+        options.update(method="paper", mlp_sparsity=0.5, attn_sparsity=0.5)
+    before = _state(model)
+    pruned = corp.prune(model, images, batch_size=8, **options)
+    assert _same_state(model, before)
+    assert pruned.corp_report.params_after < pruned.corp_report.params_before
+    assert pruned is not model and all(b.mlp.fc1.out_features == 144 for b in model.blocks)
+
+
+def test_eva_and_bert_inputs_are_untouched():
+    """The rotary Eva (whole-pair q/k pruning) and a Hugging Face BERT (padded text batches)."""
+    import timm
+
+    torch.manual_seed(0)
+    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, patch_size=7, depth=2,
+                            embed_dim=48, num_heads=3, num_classes=5).eval()
+    before = _state(eva)
+    corp.prune(eva, torch.randn(8, 3, 28, 28), mlp_sparsity=0.5, attn_sparsity=0.5, batch_size=4)
+    assert _same_state(eva, before)
+
+    transformers = pytest.importorskip("transformers")
+    bert = transformers.BertModel(transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=97,
+        max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+    ids = torch.randint(3, 97, (6, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[::2, 8:] = 0  # padded rows
+    before = _state(bert)
+    corp.prune(bert, [{"input_ids": ids, "attention_mask": mask}], mlp_sparsity=0.5, attn_sparsity=0.5)
+    assert _same_state(bert, before)
+
+
 def test_calibration_input_forms_give_identical_results(model, images):
     kwargs = dict(mlp_sparsity=0.5, attn_sparsity=0.5, batch_size=8)
     ref = corp.prune(model, images, **kwargs).state_dict()

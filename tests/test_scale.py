@@ -147,7 +147,9 @@ def test_lazy_weights_from_safetensors_equal_the_in_memory_model(tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     with torch.device("meta"):
         skeleton = tiny_vit(depth=3)
+    written = open(path, "rb").read()
     lazy = corp.prune(skeleton, _images(), weights=path, **KW)
+    assert open(path, "rb").read() == written  # the weights file is only read
     ref = corp.prune(model, _images(), **KW)
     for k, v in ref.state_dict().items():
         assert torch.equal(lazy.state_dict()[k], v), k

@@ -71,6 +71,28 @@ def _complement(kept, width):
     return mask.nonzero()[:, 0]
 
 
+@pytest.mark.parametrize("ridge", [1e-3, 0.1])
+def test_mlp_ridge_fit_is_the_damped_least_squares_of_the_pruned_channels(ridge):
+    """corp.fit.MlpRidgeFit against an fp64 solve written here: λ = ridge · mean(diag Σ_SS) over the kept
+    channels, B = Σ_PS (Σ_SS + λI)⁻¹, c = μ_P − B μ_S; and B minimises the sample objective
+    mean‖h_P − B h_S − c‖² + λ‖B‖² (its gradient vanishes, the residual has zero mean)."""
+    _, h = _mlp_data(2, d_in=5, hidden=10, out=4, n=400)
+    mean, cov = _moments(h)
+    kept = torch.tensor([1, 2, 4, 6, 9])
+    pruned = _complement(kept, 10)
+    coef, intercept, lam = mlp_compensation(mean, cov, kept, pruned, ridge)
+    lam_ref = ridge * float(torch.diagonal(cov[kept][:, kept]).mean())
+    assert float(lam) == pytest.approx(lam_ref, rel=1e-12, abs=0)
+    s_ss, s_ps = cov[kept][:, kept], cov[pruned][:, kept]
+    b_ref = torch.linalg.solve(s_ss + lam_ref * torch.eye(len(kept), dtype=F64), s_ps.T).T
+    torch.testing.assert_close(coef, b_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(intercept, mean[pruned] - b_ref @ mean[kept], rtol=1e-10, atol=1e-12)
+    resid = h[:, pruned] - h[:, kept] @ coef.T - intercept  # (n, |P|)
+    grad = -resid.T @ (h[:, kept] - mean[kept]) / h.shape[0] + lam_ref * coef
+    assert float(grad.abs().max()) < 1e-10 * float(cov.abs().max())
+    assert float(resid.mean(0).abs().max()) < 1e-10
+
+
 @pytest.mark.parametrize("ridge", [0.0, 1e-3, 0.1])
 def test_mlp_error_matches_sample_evaluation(ridge):
     _, h = _mlp_data(0, d_in=6, hidden=12, out=5, n=500)
@@ -174,8 +196,11 @@ def test_mlp_greedy_in_fp32_keeps_the_fp64_channels():
     alive, _, _ = _mlp_greedy(cov, w2, 96, lam, step)
     kept, pruned = select_mlp_channels_by_residual(cov, w2, 96, 1e-3)
     assert torch.equal(kept, torch.sort(alive).values)
-    j64 = _mlp_ridge_objective(cov, w2, torch.sort(alive).values, _complement(torch.sort(alive).values, 256), lam)
-    assert _mlp_ridge_objective(cov, w2, kept, pruned, lam) == pytest.approx(j64, rel=1e-12)
+    # the fp32 greedy's own account of J (its summed predicted increases) is the fp64 J of its kept set
+    alive32, _, increases32 = _mlp_greedy(cov.float(), w2.float(), 96, lam, step)
+    assert torch.equal(torch.sort(alive32).values, kept)
+    j64 = _mlp_ridge_objective(cov, w2, kept, pruned, lam)
+    assert float(sum(float(x) for x in increases32)) == pytest.approx(j64, rel=1e-4)
     # a caller's TF32 setting does not reach the greedy's fp32 products, and is restored after
     import corp.select as select
 
