@@ -164,7 +164,8 @@ def test_the_broken_model_really_fails_when_loaded(folders):
 
 @pytest.mark.parametrize("case", ["out_is_file", "out_is_foreign_dir", "out_parent_is_file", "calib_missing",
                                   "calib_is_file", "calib_empty", "checkpoint_dir_is_file", "target_dense_with_ckpt",
-                                  "budget_and_sparsity", "model_missing"])
+                                  "budget_and_sparsity", "model_missing", "model_dir_foreign", "model_is_file",
+                                  "checkpoint_is_dir", "lazy_without_safetensors"])
 def test_bad_arguments_fail_before_the_model_is_loaded(folders, case):
     (folders / "a_file").write_text("x")
     (folders / "foreign").mkdir()
@@ -182,6 +183,11 @@ def test_bad_arguments_fail_before_the_model_is_loaded(folders, case):
                                    ["--checkpoint-dir", "--target dense"]),
         "budget_and_sparsity": ({"--budget": "0.3"}, ["budget"]),
         "model_missing": ({"--model": folders / "no_such_model"}, ["no_such_model", "neither a directory"]),
+        "model_dir_foreign": ({"--model": folders / "foreign"}, ["foreign", "neither one written by corp nor a Hugging Face"]),
+        "model_is_file": ({"--model": folders / "a_file"}, ["a_file", "is a file", "--checkpoint"]),
+        "checkpoint_is_dir": ({"--model": "test_vit", "--checkpoint": folders / "empty"}, ["--checkpoint", "is not a file"]),
+        "lazy_without_safetensors": ({"--model": "test_vit", "--checkpoint": folders / "a_file", "--lazy": True},
+                                     ["--lazy needs --checkpoint FILE.safetensors"]),
     }[case]
     proc = corp_cli(*_prune_args(folders, **overrides))
     _assert_clean_error(proc, *needles)
@@ -219,7 +225,7 @@ def test_unavailable_device_fails_before_the_model_is_loaded(folders):
     proc = corp_cli(*_prune_args(folders, **{"--device": "cuda"}))
     _assert_clean_error(proc, "--device cuda", "CUDA is not available")
     proc = corp_cli(*_prune_args(folders, **{"--device": "gpu7"}))
-    _assert_clean_error(proc, "--device", "gpu7")
+    _assert_clean_error(proc, "--device", "gpu7", "is not a device name")
 
 
 # ------------------------------------------------------------------ 2: offline hub

@@ -45,6 +45,10 @@ def test_config_is_frozen_and_sparsities_normalised():
     (dict(backend="cuda"), "backend must be one of"),
     (dict(states="tape"), "states must be one of"),
     (dict(batch_size=0), "batch_size must be >= 1"),
+    (dict(max_images=0), "max_images must be >= 1"),
+    (dict(target="global"), "target must be one of"),
+    (dict(mlp_token_weights="sometimes"), "mlp_token_weights must be one of"),
+    (dict(attn_output_fit="yes"), "attn_output_fit must be True or False"),
     (dict(mlp_sparsity=1.0), "mlp_sparsity must be in"),
     (dict(attn_sparsity="half"), "attn_sparsity must be a number"),
 ])

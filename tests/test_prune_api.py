@@ -99,6 +99,14 @@ def test_eva_and_bert_inputs_are_untouched():
     assert _same_state(bert, before)
 
 
+def test_impossible_widths_and_combinations_are_named(model, images, tmp_path):
+    with pytest.raises(ValueError, match="mlp_sparsity=0.999 leaves no MLP channel of 144 in block 0"):
+        corp.prune(model, images, mlp_sparsity=0.999)
+    with pytest.raises(ValueError, match="checkpoint_dir is not supported with target='dense'"):
+        corp.prune(model, images, mlp_sparsity=0.5, propagate="pruned", target="dense", checkpoint_dir=str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists()
+
+
 def test_calibration_input_forms_give_identical_results(model, images):
     kwargs = dict(mlp_sparsity=0.5, attn_sparsity=0.5, batch_size=8)
     ref = corp.prune(model, images, **kwargs).state_dict()
