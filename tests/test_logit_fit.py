@@ -62,6 +62,21 @@ def _lstsq(feats, target, lam):
     return torch.linalg.lstsq(feats, target[:, None], driver="gelsd").solution[:, 0]
 
 
+def _offset_qk(seed, b, h, t, d, q_offset):
+    """Random fp64 q, k ``(B, H, T, d)``: q shifted by ``q_offset``, keys by a random offset per image."""
+    torch.manual_seed(seed)
+    q = torch.randn(b, h, t, d, dtype=F64) + q_offset
+    k = torch.randn(b, h, t, d, dtype=F64) + torch.randn(b, h, 1, d, dtype=F64)
+    return q, k
+
+
+def _within_image_pairs(b, t):
+    """All (query, key) token index pairs ``(2, B·T·T)`` of the same image, tokens numbered image-major."""
+    idx = torch.arange(b * t)
+    pairs = torch.cartesian_prod(idx, idx).T
+    return pairs[:, (idx // t)[pairs[0]] == (idx // t)[pairs[1]]]
+
+
 def test_key_outer_update_over_chunks_matches_brute_force():
     torch.manual_seed(0)
     b, t, h, d = 7, 9, 3, 5
@@ -93,10 +108,8 @@ def test_key_outer_update_over_chunks_matches_brute_force():
 @pytest.mark.parametrize("ridge", [0.0, 0.05])
 def test_fits_match_brute_force_least_squares(ridge):
     """H=2, d=6, s=3, B=3 images of T=5 tokens, random fp64 q, k (with per-image offsets)."""
-    torch.manual_seed(1)
     h, d, s, b, t = 2, 6, 3, 3, 5
-    q = torch.randn(b, h, t, d, dtype=F64) + 0.3
-    k = torch.randn(b, h, t, d, dtype=F64) + torch.randn(b, h, 1, d, dtype=F64)
+    q, k = _offset_qk(1, b, h, t, d, 0.3)
     qkv = _qkv(q, k)
     kept = torch.tensor([[0, 2, 5], [1, 3, 4]])
     pruned = torch.tensor([[1, 3, 4], [0, 2, 5]])
@@ -110,10 +123,8 @@ def test_fits_match_brute_force_least_squares(ridge):
     assert torch.allclose(lam_c, lam_i)  # the per-image system was given the same scale here
 
     idx = torch.arange(b * t)
-    image = idx // t
     all_pairs = torch.cartesian_prod(idx, idx).T
-    same = image[all_pairs[0]] == image[all_pairs[1]]
-    within = all_pairs[:, same]
+    within = _within_image_pairs(b, t)
     assert within.shape[1] == b * t * t
     for hi in range(h):
         qh = q[:, hi].reshape(b * t, d)
@@ -133,19 +144,15 @@ def test_per_image_logit_fit_damps_by_its_own_system_scale():
     """:class:`corp.fit.PerImageLogitFit` end to end (a second pass over the qkv batches): λ is
     ``ridge · Σ_b mean(diag GQ_b,SS)·mean(diag GK̃_b,SS)`` computed here from the tokens, and M is the
     damped least squares over within-image token pairs at that λ."""
-    torch.manual_seed(4)
     h, d, b, t, ridge = 2, 5, 3, 6, 0.05
-    q = torch.randn(b, h, t, d, dtype=F64) + 0.2
-    k = torch.randn(b, h, t, d, dtype=F64) + torch.randn(b, h, 1, d, dtype=F64)
+    q, k = _offset_qk(4, b, h, t, d, 0.2)
     qkv = _qkv(q, k)
     kept = torch.tensor([[0, 3, 4], [1, 2, 4]])
     pruned = torch.tensor([[1, 2], [0, 3]])
     ctx = FitContext(REFERENCE, qkv_batches=lambda: iter([qkv[:2], qkv[2:]]))
     m, lam = PerImageLogitFit(ridge).fit(AttentionStatistics(h, d, torch.device("cpu")), kept, pruned, ctx)
     kc = k - k.mean(dim=2, keepdim=True)
-    idx = torch.arange(b * t)
-    pairs = torch.cartesian_prod(idx, idx).T
-    within = pairs[:, (idx // t)[pairs[0]] == (idx // t)[pairs[1]]]
+    within = _within_image_pairs(b, t)
     for hi in range(h):
         scale = sum(float(q[bi, hi][:, kept[hi]].square().sum(0).mean() * kc[bi, hi][:, kept[hi]].square().sum(0).mean())
                     for bi in range(b))
