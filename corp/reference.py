@@ -25,6 +25,9 @@ __all__ = [
     "spd_inverse_by_blocks",
     "ridge_solve",
     "GRAM_TILE",
+    "GRAM_TILE_WIDE",
+    "GRAM_WIDE_FROM",
+    "gram_tile",
     "MAX_DAMPING_RETRIES",
     "DAMPING_GROWTH",
 ]
@@ -32,9 +35,23 @@ __all__ = [
 # Column tile of the blocked upper-triangular Gram product. Computing only the
 # tiles on or above the diagonal does (k+1)/2k of the full product's work; with
 # 4 tiles of 384 on deit_small (D_h = 1536, 6304 tokens) it took 62 ms against
-# 91 ms for the full `h.T @ h` on this project's 2-core CPU; smaller tiles lose
-# more to matmul efficiency than they save.
-GRAM_TILE = 384
+# 91 ms for the full `h.T @ h` on an early 2-core machine of this project.
+# Tiles of 192 do less work again, and on two later 2-core machines they were
+# faster up to 3072 columns (one update of 6304 tokens, fp32, medians: an AMD
+# EPYC with AVX2, 2026-12-02, 192 / 384: width 384 37.8 / 48.6 ms, 768 127 / 143,
+# 1536 423 / 444, 3072 1114 / 1298; an Intel Xeon with AMX: 384 5.2 / 6.5,
+# 768 16.5 / 20.0, 1536 65.0 / 70.6, 3072 233 / 236), but at 5120 columns
+# (ViT-H's MLP, 4112 tokens) 384 was faster (2.06 / 2.17 s and 1.92 / 3.05 s in
+# two runs on the EPYC): wide Grams keep GRAM_TILE_WIDE. The upper triangle is
+# bitwise the same with either tile (MKL, both machines, every width above).
+GRAM_TILE = 192
+GRAM_TILE_WIDE = 384
+GRAM_WIDE_FROM = 4096
+
+
+def gram_tile(width: int) -> int:
+    """The column tile of :func:`gram_update_` for a Gram of ``width`` columns."""
+    return GRAM_TILE if width < GRAM_WIDE_FROM else GRAM_TILE_WIDE
 
 # A failed Cholesky factorisation is retried with the damping multiplied by
 # DAMPING_GROWTH, at most MAX_DAMPING_RETRIES times. 10× per step reaches any
@@ -85,11 +102,12 @@ def gram_update_(gram: torch.Tensor, colsum: torch.Tensor, x: torch.Tensor) -> N
     # chunk sums in the chunk's precision (torch sums pairwise), fp64 across chunks; asking
     # sum() for an fp64 result directly cost 7x more (0.67 s of an 8.3 s deit_small run)
     colsum += x2.sum(dim=0).to(torch.float64)
-    for start in range(0, d, GRAM_TILE):
-        stop = min(start + GRAM_TILE, d)
+    tile = gram_tile(d)
+    for start in range(0, d, tile):
+        stop = min(start + tile, d)
         # rows [start, stop) × columns [start, d): the tiles on or above the diagonal
-        tile = x2[:, start:stop].T @ x2[:, start:]
-        gram[start:stop, start:] += tile.to(torch.float64)
+        product = x2[:, start:stop].T @ x2[:, start:]
+        gram[start:stop, start:] += product.to(torch.float64)
 
 
 def attention_stats_update_(

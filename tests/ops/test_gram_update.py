@@ -40,8 +40,13 @@ def _fp64_gram(x):
 # ---------------------------------------------------------------------------- the PyTorch reference
 
 
+@pytest.mark.parametrize("wide_from", [None, 256])
 @pytest.mark.parametrize("d", [1, 97, 385, 800])
-def test_gram_update_matches_fp64_over_chunks(d):
+def test_gram_update_matches_fp64_over_chunks(d, wide_from, monkeypatch):
+    """Both column tiles (``wide_from=256`` sends 385 and 800 columns to GRAM_TILE_WIDE), ragged last tiles."""
+    if wide_from is not None:
+        monkeypatch.setattr(reference, "GRAM_WIDE_FROM", wide_from)
+    assert reference.gram_tile(d) == (reference.GRAM_TILE_WIDE if d >= reference.GRAM_WIDE_FROM else reference.GRAM_TILE)
     torch.manual_seed(d)
     chunks = [torch.randn(n, d) for n in (50, 197, 3)]
     gram = torch.zeros(d, d, dtype=torch.float64)
