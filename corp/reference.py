@@ -186,9 +186,6 @@ def spd_inverse_by_blocks(matrix: torch.Tensor, leaf: int = SPD_INVERSE_LEAF) ->
     n = matrix.shape[-1]
     if matrix.dim() != 2 or matrix.shape[0] != n:
         raise ValueError(f"matrix must be (n, n), got {tuple(matrix.shape)}")
-    if n <= leaf:
-        factor, info = torch.linalg.cholesky_ex(matrix)
-        return torch.cholesky_inverse(factor), _factored(factor, info)
     out = torch.empty_like(matrix)
     return out, _spd_inverse_into(matrix, out, leaf)
 

@@ -179,7 +179,7 @@ def _mlp_greedy(
     # keep 768, 64 steps, 2-core CPU (benchmarks/experiments/mlp_greedy_vs_revision.py): 0.61 s with
     # the in-place D×D downdate (b75edda), 0.42 s without it, the same kept set; the inverse was 0.2 s
     # of it (fp64, an AMD EPYC). In fp32 on a Xeon with AMX (2026-12-02, the synthetic GELU case of
-    # README *A faster MLP greedy*): 77-90 ms before, 51-59 ms with the blocked inverse and the one-solve
+    # docs/measurement-log.md, *A faster MLP greedy*): 77-90 ms before, 51-59 ms with the blocked inverse and the one-solve
     # update (the ranges: the machine's speed over an hour).
     wt = w2.T.contiguous()  # (D, out): row j is W'_{·j}; W' = W2 H_{·K} H_KK⁻¹ = W2 for K = all channels
     diag = torch.diagonal(g).clone()  # diag(Hinv) on the kept channels
