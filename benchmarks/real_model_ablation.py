@@ -66,6 +66,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "corp mlp only": dict(OLD_CORP, attn_sparsity=0.0),
     "corp attn only": dict(OLD_CORP, mlp_sparsity=0.0),
 }
+# issue 13's damping re-sweep on the preset (low-rank q/k, output fit, token weights): "corp ridge X" and
+# "corp attn_ridge X" above pin the older preset, these follow method="corp" whatever it is
+VARIANTS.update({f"corp preset {name} {value:g}": dict(method="corp", **{name: value})
+                 for name in ("ridge", "attn_ridge") for value in (1e-6, 1e-5, 1e-4, 1e-2, 1e-1)})
 DEFAULT_VARIANTS = "uncompensated,paper,corp before the output fit,corp"
 
 
